@@ -1,0 +1,50 @@
+"""tokenbatcher: cost- and token-budgeted batching for one expensive async function.
+
+A drop-in replacement for the batching part of ``flyte.extras``::
+
+    from tokenbatcher import TokenBatcher, Prompt
+"""
+
+from ._batcher import DynamicBatcher as DynamicBatcher
+from ._errors import BatchAbortedError as BatchAbortedError
+from ._errors import BatcherStoppedError as BatcherStoppedError
+from ._errors import QueueFullError as QueueFullError
+from ._stats import BatchInfo as BatchInfo
+from ._stats import BatchStats as BatchStats
+from ._stats import DispatchReason as DispatchReason
+from ._stats import Percentiles as Percentiles
+from ._token import TokenBatcher as TokenBatcher
+from ._types import BatchCost as BatchCost
+from ._types import CostEstimator as CostEstimator
+from ._types import CostEstimatorFn as CostEstimatorFn
+from ._types import Dispatch as Dispatch
+from ._types import Grouping as Grouping
+from ._types import InferenceFn as InferenceFn
+from ._types import ProcessFn as ProcessFn
+from ._types import Prompt as Prompt
+from ._types import TokenEstimator as TokenEstimator
+from ._types import TokenEstimatorFn as TokenEstimatorFn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchAbortedError",
+    "BatchCost",
+    "BatchInfo",
+    "BatchStats",
+    "BatcherStoppedError",
+    "CostEstimator",
+    "CostEstimatorFn",
+    "Dispatch",
+    "DispatchReason",
+    "DynamicBatcher",
+    "Grouping",
+    "InferenceFn",
+    "Percentiles",
+    "ProcessFn",
+    "Prompt",
+    "QueueFullError",
+    "TokenBatcher",
+    "TokenEstimator",
+    "TokenEstimatorFn",
+]

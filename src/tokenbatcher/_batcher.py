@@ -1,0 +1,881 @@
+"""DynamicBatcher: the lifecycle, submission, and the loops that run batches.
+
+Records go into :class:`~tokenbatcher._pending.Pending`.  Batches are taken
+from it either by an aggregation loop that seals them into a bounded prefetch
+queue (``dispatch="window"``, flyte's timing) or by each processing slot the
+moment it is free (``dispatch="eager"``).  ``max_concurrent_batches``
+processing slots run ``process_fn``; ``_run`` is where results reach futures.
+
+Every record that leaves the queue belongs to a ``_Batch`` registered in
+``self._out`` until its futures are resolved, so stopping, aborting or a
+failing loop can always reach every unresolved future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import logging
+import math
+import operator
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Generic
+
+from typing_extensions import Self
+
+from ._errors import BatchAbortedError, BatcherStoppedError, QueueFullError
+from ._pending import Pending, Record, batch_cost
+from ._stats import BatchInfo, BatchStats, DispatchReason, _Recorder
+from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, ProcessFn, RecordT, ResultT
+
+logger = logging.getLogger("tokenbatcher")
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+_NEW, _RUNNING, _STOPPING, _STOPPED = _State  # module constants: cheaper than _State.X on the hot path
+
+
+class _Batch:
+    """Records taken from the queue together, and why the batch was closed."""
+
+    __slots__ = ("records", "reason")
+
+    def __init__(self, records: list[Record[Any]], reason: DispatchReason) -> None:
+        self.records = records
+        self.reason = reason
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_seconds(name: str, value: object, *, allow_none: bool, allow_zero: bool) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r} ({type(value).__name__})")
+    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return float(value)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _bad_cost(value: object, source: str) -> int:
+    """The slow path of cost validation: convert an integer-like value or raise."""
+    if not isinstance(value, bool) and hasattr(type(value), "__index__"):
+        converted = operator.index(value)  # e.g. numpy.int64
+        if converted >= 0:
+            return converted
+        raise ValueError(f"{source} must be a non-negative int, got {converted}")
+    raise TypeError(f"{source} must be a non-negative int, got {value!r} ({type(value).__name__})")
+
+
+class DynamicBatcher(Generic[RecordT, ResultT]):
+    """Batches records from many concurrent producers into cost-budgeted calls.
+
+    Each batch is handed to ``process_fn``; each record's future resolves to its
+    own entry of the returned list.  A batch never holds more than
+    ``max_batch_size`` records and its cost never exceeds ``target_batch_cost``,
+    except a single record that alone costs more, which is processed alone.
+
+    Args:
+        process_fn: ``async def f(batch: list[RecordT]) -> list[ResultT]``,
+            returning one result per record, in order.
+        cost_estimator: ``f(record) -> int``; see :meth:`submit` for how a
+            record's cost is found.
+        target_batch_cost: The cost budget of one batch (>= 1).
+        max_batch_size: The most records in one batch (>= 1).
+        min_batch_size: With ``dispatch="eager"``, a free slot waits for this
+            many records, but never longer than ``batch_timeout_s`` after the
+            oldest queued record arrived.  (``"window"`` already waits for a
+            full batch or the timeout, so it changes nothing there.)  Records
+            are never re-queued or reordered.
+        batch_timeout_s: ``"window"``: how long a batch may keep filling after
+            its first record is picked up.
+        max_queue_size: The most records waiting for a batch; ``submit`` waits
+            (backpressure) and ``submit_nowait`` raises when it is reached.
+        prefetch_batches: ``"window"``: how many sealed batches may wait in
+            front of the processing slots (>= 1).
+        default_cost: The cost of a record no estimator prices (>= 0).
+        dispatch: ``"window"`` (flyte's timing: fill for up to
+            ``batch_timeout_s``, seal into the prefetch queue) or ``"eager"``
+            (form a batch the moment a processing slot is free; while every slot
+            is busy the queue keeps growing toward a full batch).
+        max_concurrent_batches: How many batches may be inside ``process_fn``
+            at once (>= 1).
+        request_timeout_s: The default deadline of ``submit``'s ``timeout_s``.
+        batch_cost: ``"sum"`` (the sum of the records' costs) or ``"padded"``
+            (batch size times its largest record's cost, what a padded tensor
+            costs); the budget bounds this.
+        grouping: ``"fifo"``, or ``"similar_cost"`` to build each batch from the
+            oldest record plus the queued records closest to it in cost.
+        priority_aging_s: Seconds one priority step is worth: a record is never
+            overtaken by one submitted more than ``(its priority - the other's)
+            * priority_aging_s`` seconds after it.
+        on_batch: Called with a :class:`BatchInfo` after each batch; its
+            exceptions are logged and otherwise ignored.
+
+    Raises:
+        TypeError: ``process_fn`` is not callable, or a setting has the wrong type.
+        ValueError: A setting is out of range.
+    """
+
+    _estimator_name = "cost_estimator"
+    _cost_name = "estimated_cost"
+    _probe_names: tuple[str, ...] = ("estimate_cost",)
+    """The record methods that price a record, in order of precedence."""
+
+    def __init__(
+        self,
+        process_fn: ProcessFn[RecordT, ResultT],
+        *,
+        cost_estimator: CostEstimatorFn[RecordT] | None = None,
+        target_batch_cost: int = 32_000,
+        max_batch_size: int = 256,
+        min_batch_size: int = 1,
+        batch_timeout_s: float = 0.05,
+        max_queue_size: int = 5_000,
+        prefetch_batches: int = 2,
+        default_cost: int = 1,
+        dispatch: Dispatch = "window",
+        max_concurrent_batches: int = 1,
+        request_timeout_s: float | None = None,
+        batch_cost: BatchCost = "sum",
+        grouping: Grouping = "fifo",
+        priority_aging_s: float = 1.0,
+        on_batch: Callable[[BatchInfo], object] | None = None,
+    ) -> None:
+        if not callable(process_fn):
+            raise TypeError(f"process_fn must be an async callable, got {process_fn!r}")
+        if cost_estimator is not None and not callable(cost_estimator):
+            raise TypeError(f"{self._estimator_name} must be callable or None, got {cost_estimator!r}")
+        if on_batch is not None and not callable(on_batch):
+            raise TypeError(f"on_batch must be callable or None, got {on_batch!r}")
+        self._budget = _check_int(self._budget_name(), target_batch_cost, 1)
+        self._max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
+        self._min_batch_size = _check_int("min_batch_size", min_batch_size, 1)
+        if self._min_batch_size > self._max_batch_size:
+            raise ValueError(
+                f"min_batch_size must be <= max_batch_size, got {min_batch_size} > {max_batch_size}"
+            )
+        self._timeout_s = _check_seconds("batch_timeout_s", batch_timeout_s, allow_none=False, allow_zero=True)
+        self._max_queue_size = _check_int("max_queue_size", max_queue_size, 1)
+        self._prefetch = _check_int("prefetch_batches", prefetch_batches, 1)
+        self._default_cost = _check_int(self._default_name(), default_cost, 0)
+        _check_choice("dispatch", dispatch, ("window", "eager"))
+        self._slots = _check_int("max_concurrent_batches", max_concurrent_batches, 1)
+        self._request_timeout_s = _check_seconds(
+            "request_timeout_s", request_timeout_s, allow_none=True, allow_zero=False
+        )
+        _check_choice("batch_cost", batch_cost, ("sum", "padded"))
+        _check_choice("grouping", grouping, ("fifo", "similar_cost"))
+        self._aging_s = _check_seconds("priority_aging_s", priority_aging_s, allow_none=False, allow_zero=True)
+        self._process_fn = process_fn
+        self._estimator = cost_estimator
+        self._eager = dispatch == "eager"
+        self._dispatch = dispatch
+        self._padded = batch_cost == "padded"
+        self._on_batch = on_batch
+        self._pending = Pending(
+            budget=self._budget,
+            max_size=self._max_batch_size,
+            padded=self._padded,
+            similar=grouping == "similar_cost",
+        )
+        self._rec = _Recorder()
+        self._state: _State = _NEW
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._seq = 0
+        self._out: set[_Batch] = set()  # batches taken from the queue, futures not all resolved
+        self._sealed: deque[_Batch] = deque()  # "window": the prefetch queue
+        self._sealing_done = False
+        self._in_flight = 0
+        self._arrival_waiters: list[asyncio.Future[None]] = []
+        self._wake_need = sys.maxsize  # wake arrival waiters once this many records are queued
+        self._sealed_waiters: list[asyncio.Future[None]] = []
+        self._room_waiters: deque[asyncio.Future[None]] = deque()
+        self._expired_queued = 0  # expired records still in the queue, at most
+        self._aborting = False
+        self._stop_reason = "the batcher's loops were cancelled (is the event loop shutting down?)"
+        self._failure: BaseException | None = None
+        self._stopped: asyncio.Future[None] | None = None
+
+    # Names used in error messages; TokenBatcher renames them.
+    def _budget_name(self) -> str:
+        return "target_batch_cost"
+
+    def _default_name(self) -> str:
+        return "default_cost"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def is_running(self) -> bool:
+        """True from a successful :meth:`start` until :meth:`stop` returns."""
+        return self._state is _RUNNING or self._state is _STOPPING
+
+    @property
+    def stats(self) -> BatchStats:
+        """A :class:`BatchStats` snapshot (``await batcher.stats`` works too)."""
+        held = [self._pending, *(b.records for b in self._out)]
+        held_cancelled = sum(1 for records in held for rec in records if rec.future.cancelled())
+        return self._rec.snapshot(
+            held_cancelled=held_cancelled, queue_depth=len(self._pending), in_flight=self._in_flight
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self._state.value} queued={len(self._pending)} "
+            f"in_flight={self._in_flight} batches={self._rec.batches}>"
+        )
+
+    async def start(self) -> None:
+        """Start the batching loops on the running event loop.
+
+        Raises:
+            RuntimeError: The batcher is already running (or still stopping).
+        """
+        if self._state is _RUNNING or self._state is _STOPPING:
+            raise RuntimeError(f"{type(self).__name__} is already running")
+        self._loop = loop = asyncio.get_running_loop()
+        self._state = _RUNNING
+        self._sealing_done = self._aborting = False
+        self._failure = None
+        self._stopped = loop.create_future()
+        if self._eager:
+            bodies = [self._eager_slot() for _ in range(self._slots)]
+        else:
+            bodies = [self._aggregate(), *(self._window_slot() for _ in range(self._slots))]
+        name = type(self).__name__
+        self._tasks = [loop.create_task(body, name=f"{name}-loop-{i}") for i, body in enumerate(bodies)]
+        for task in self._tasks:
+            task.add_done_callback(self._loop_ended)
+
+    async def stop(self, *, timeout: float | None = None) -> None:
+        """Stop accepting records, process every accepted one, then stop.
+
+        From the moment ``stop`` begins, ``submit`` raises ``RuntimeError`` and
+        producers waiting for queue space are released with it.  Returns once
+        every accepted future is resolved.  Safe to call twice and when not
+        running; :meth:`start` may be called again afterwards.
+
+        Args:
+            timeout: Seconds to drain before giving up: then ``process_fn`` calls
+                still running are cancelled and every unresolved future fails
+                with :class:`BatcherStoppedError`.  None waits for the drain.
+                If the task calling ``stop`` is cancelled, the same happens at once.
+        """
+        _check_seconds("timeout", timeout, allow_none=True, allow_zero=True)
+        if self._state is _NEW or self._state is _STOPPED:
+            return
+        self._check_loop()
+        stopped = self._stopped
+        assert stopped is not None
+        if self._state is _STOPPING:
+            await asyncio.shield(stopped)
+            return
+        self._state = _STOPPING
+        self._release_all_waiters()
+        try:
+            _, unfinished = await asyncio.wait(self._tasks, timeout=timeout)
+            if unfinished:
+                self._abort(f"stop(timeout={timeout}) ran out of time before this record was processed")
+                await asyncio.wait(self._tasks)
+        except asyncio.CancelledError:
+            self._abort("the task calling stop() was cancelled before this record was processed")
+            raise
+        finally:
+            self._finish_stop()
+
+    def _finish_stop(self) -> None:
+        self._state = _STOPPED
+        self._tasks = []
+        self._release_all_waiters()
+        if self._stopped is not None:
+            _wake(self._stopped)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _abort(self, reason: str) -> None:
+        """Cancel the loops and fail every unresolved future, all at once."""
+        self._aborting = True
+        self._stop_reason = reason
+        for task in self._tasks:
+            task.cancel()
+        self._fail(self._pending.clear())
+        for batch in list(self._out):
+            self._fail(batch.records)
+        self._out.clear()
+        self._sealed.clear()
+        self._release_all_waiters()
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A loop task ended: if not by our own stop, fail everything now."""
+        if self._aborting or (not task.cancelled() and task.exception() is None):
+            return
+        error = BaseException("cancelled") if task.cancelled() else task.exception()
+        self._failure = error
+        logger.error("%s: an internal loop failed: %r", type(self).__name__, error)
+        self._abort(f"an internal loop of the batcher failed ({error!r}) before this record was processed")
+        self._finish_stop()
+
+    def _fail(self, records: Sequence[Record[Any]]) -> None:
+        """Fail every unresolved future among ``records`` with BatcherStoppedError."""
+        for rec in records:
+            if rec.timer is not None:
+                rec.timer.cancel()
+            if rec.future.cancelled():
+                self._rec.cancelled += 1
+            elif not rec.future.done():
+                error = BatcherStoppedError(self._stop_reason)
+                error.__cause__ = self._failure
+                rec.future.set_exception(error)
+                self._rec.failed += 1
+
+    def _release_all_waiters(self) -> None:
+        for waiters in (self._arrival_waiters, self._sealed_waiters, self._room_waiters):
+            while waiters:
+                _wake(waiters.pop())
+
+    def _check_loop(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not self._loop:
+            raise RuntimeError(
+                f"this {type(self).__name__} was started on another event loop "
+                f"({'closed' if self._loop is not None and self._loop.is_closed() else 'not this one'}). "
+                "A batcher belongs to the loop that started it: after asyncio.run() returns, "
+                "build and start a new one (with an alru_cache singleton, call cache_clear() "
+                "or key the cache by event loop)."
+            )
+
+    def _refuse(self) -> None:
+        """Raise the right error for a submit while not accepting records."""
+        if self._state is _RUNNING:
+            self._check_loop()
+            return
+        name = type(self).__name__
+        if self._state is _STOPPING:
+            raise RuntimeError(f"{name} is not running: stop() has begun, so no new records are accepted.")
+        if self._failure is not None:
+            raise RuntimeError(
+                f"{name} is not running: an internal loop failed ({self._failure!r}). Call start() again."
+            ) from self._failure
+        raise RuntimeError(f"{name} is not running. Call start() or use 'async with'.")
+
+    # ------------------------------------------------------------------ submission
+
+    def _cost(self, record: RecordT, explicit: object) -> int:
+        if explicit is not None:
+            cost, source = explicit, self._cost_name
+        elif self._estimator is not None:
+            cost, source = self._estimator(record), self._estimator_name
+        else:
+            for name in self._probe_names:
+                method = getattr(record, name, None)
+                if method is not None:
+                    cost, source = method(), f"{type(record).__name__}.{name}()"
+                    break
+            else:
+                return self._default_cost
+        if type(cost) is int and cost >= 0:
+            return cost
+        return _bad_cost(cost, source)
+
+    def _check_request(self, timeout_s: float | None, priority: int) -> float | None:
+        if type(priority) is not int:
+            _check_int("priority", priority, -sys.maxsize)
+        if timeout_s is None:
+            return self._request_timeout_s
+        return _check_seconds("timeout_s", timeout_s, allow_none=False, allow_zero=False)
+
+    def _enqueue(self, item: RecordT, cost: int, timeout_s: float | None, priority: int) -> asyncio.Future[ResultT]:
+        loop = self._loop
+        assert loop is not None
+        future: asyncio.Future[ResultT] = loop.create_future()
+        now = loop.time()
+        self._seq += 1
+        rec = Record(item, future, cost, now, now + priority * self._aging_s if priority else now, self._seq)
+        if timeout_s is not None:
+            rec.timer = loop.call_at(now + timeout_s, self._expire, rec, timeout_s)
+        pending = self._pending
+        pending.push(rec)
+        stats = self._rec
+        stats.submitted += 1
+        if pending.size > stats.peak_queue_depth:
+            stats.peak_queue_depth = pending.size
+        if self._arrival_waiters and (pending.size >= self._wake_need or pending.full):
+            self._wake_arrivals()
+        return future
+
+    async def submit(
+        self,
+        record: RecordT,
+        *,
+        estimated_cost: int | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> asyncio.Future[ResultT]:
+        """Queue one record; return the future of its result.
+
+        Waits while the queue holds ``max_queue_size`` records (backpressure).
+        The record's cost is, the first that applies: ``estimated_cost``;
+        ``cost_estimator(record)``; ``record.estimate_cost()``; ``default_cost``.
+
+        Args:
+            record: The record to process.
+            estimated_cost: Its cost, a non-negative ``int``.
+            timeout_s: A deadline in seconds (default ``request_timeout_s``): if
+                the record is still queued then, it is never processed and its
+                future fails with ``TimeoutError``.
+            priority: A lower value is dispatched first; FIFO within a priority;
+                aged by ``priority_aging_s`` so no record starves.
+
+        Returns:
+            A future resolving to this record's entry of ``process_fn``'s result.
+
+        Raises:
+            RuntimeError: The batcher is not running (or is stopping, or runs on
+                another event loop).
+            TypeError: A cost, ``timeout_s`` or ``priority`` of the wrong type.
+            ValueError: A negative cost or a non-positive ``timeout_s``.
+        """
+        if self._state is not _RUNNING or asyncio.get_running_loop() is not self._loop:
+            self._refuse()
+        cost = self._cost(record, estimated_cost)
+        deadline = self._check_request(timeout_s, priority) if timeout_s is not None or priority else self._request_timeout_s
+        if self._pending.size >= self._max_queue_size:
+            await self._wait_for_room()
+        return self._enqueue(record, cost, deadline, priority)
+
+    def submit_nowait(
+        self,
+        record: RecordT,
+        *,
+        estimated_cost: int | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> asyncio.Future[ResultT]:
+        """Like :meth:`submit`, but never waits: a full queue raises instead.
+
+        Call it from the batcher's event loop (a plain, non-async method).
+
+        Raises:
+            QueueFullError: The queue holds ``max_queue_size`` records; the
+                record was not accepted (and is counted in ``total_rejected``).
+            RuntimeError: As :meth:`submit`.
+        """
+        if self._state is not _RUNNING or asyncio.get_running_loop() is not self._loop:
+            self._refuse()
+        cost = self._cost(record, estimated_cost)
+        deadline = self._check_request(timeout_s, priority)
+        if self._pending.size >= self._max_queue_size and not self._make_room():
+            self._rec.rejected += 1
+            raise QueueFullError(
+                f"{type(self).__name__} queue is full ({self._max_queue_size} records, max_queue_size); "
+                "record rejected"
+            )
+        return self._enqueue(record, cost, deadline, priority)
+
+    async def submit_batch(
+        self,
+        records: Sequence[RecordT],
+        *,
+        estimated_cost: Sequence[int] | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> list[asyncio.Future[ResultT]]:
+        """Submit several records; return one future per record, in order.
+
+        Costs are all checked before any record is queued.
+
+        Args:
+            records: The records.
+            estimated_cost: Their costs, a sequence as long as ``records``.
+            timeout_s: As :meth:`submit`, for every record.
+            priority: As :meth:`submit`, for every record.
+        """
+        if estimated_cost is not None and len(estimated_cost) != len(records):
+            raise ValueError(
+                f"estimated_cost must have one entry per record: got {len(estimated_cost)} "
+                f"for {len(records)} records"
+            )
+        if self._state is not _RUNNING or asyncio.get_running_loop() is not self._loop:
+            self._refuse()
+        explicit: Sequence[int | None] = estimated_cost if estimated_cost is not None else [None] * len(records)
+        costs = [self._cost(record, cost) for record, cost in zip(records, explicit)]
+        deadline = self._check_request(timeout_s, priority)
+        futures = []
+        for record, cost in zip(records, costs):
+            if self._pending.size >= self._max_queue_size:
+                await self._wait_for_room()
+            futures.append(self._enqueue(record, cost, deadline, priority))
+        return futures
+
+    def submit_threadsafe(
+        self,
+        record: RecordT,
+        *,
+        estimated_cost: int | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> concurrent.futures.Future[ResultT]:
+        """Submit from another thread; return a ``concurrent.futures.Future``.
+
+        For synchronous code (a worker thread, a sync web handler) next to the
+        event loop that runs the batcher.  Backpressure applies inside the loop;
+        the returned future resolves to the result (or exception), and
+        cancelling it cancels the record.
+
+        Raises:
+            RuntimeError: The batcher is not running, or this is called from the
+                batcher's own event-loop thread (use :meth:`submit` there).
+        """
+        loop = self._loop
+        if self._state is not _RUNNING or loop is None:
+            self._refuse()
+        assert loop is not None
+        if getattr(loop, "_thread_id", None) == threading.get_ident():
+            raise RuntimeError("submit_threadsafe() was called on the batcher's own event loop; use submit()")
+
+        async def submit_and_wait() -> ResultT:
+            future = await self.submit(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
+            return await future
+
+        return asyncio.run_coroutine_threadsafe(submit_and_wait(), loop)
+
+    def _expire(self, rec: Record[Any], timeout_s: float) -> None:
+        rec.timer = None
+        if not rec.future.done():
+            rec.future.set_exception(
+                TimeoutError(f"record waited {timeout_s}s in the queue (timeout_s) and was not processed")
+            )
+            self._rec.expired += 1
+            self._expired_queued += 1
+
+    def _make_room(self) -> bool:
+        """Drop expired records from a full queue; True if that made room.
+
+        Records cancelled by their callers are dropped when a batch is next
+        taken; only expiry, which happens on a timer, triggers a sweep here.
+        """
+        if not self._expired_queued:
+            return False
+        self._expired_queued = 0
+        self._drop(self._pending.compact())
+        return self._pending.size < self._max_queue_size
+
+    async def _wait_for_room(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        if self._make_room():
+            return
+        while self._pending.size >= self._max_queue_size:
+            if self._state is not _RUNNING:
+                self._refuse()
+            waiter = loop.create_future()
+            self._room_waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter in self._room_waiters:
+                    self._room_waiters.remove(waiter)
+                elif self._pending.size < self._max_queue_size:
+                    self._wake_room(1)  # we were woken but leave: pass the wake-up on
+                raise
+        if self._state is not _RUNNING:
+            self._refuse()
+
+    def _wake_room(self, n: int) -> None:
+        waiters = self._room_waiters
+        while n > 0 and waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                n -= 1
+
+    def _wake_arrivals(self) -> None:
+        self._wake_need = sys.maxsize
+        waiters = self._arrival_waiters
+        while waiters:
+            _wake(waiters.pop())
+
+    # ------------------------------------------------------------------ forming batches
+
+    def _drop(self, records: list[Record[Any]]) -> None:
+        """Account for records removed from the queue because their futures were done."""
+        for rec in records:
+            if rec.timer is not None:
+                rec.timer.cancel()
+            if rec.future.cancelled():
+                self._rec.cancelled += 1
+
+    def _take(self, reason: DispatchReason) -> _Batch | None:
+        records, limit, dropped = self._pending.take()
+        self._drop(dropped)
+        if self._room_waiters:
+            self._wake_room(len(records) + len(dropped))
+        if not records:
+            return None
+        batch = _Batch(records, limit or reason)  # type: ignore[arg-type]
+        self._out.add(batch)
+        return batch
+
+    async def _wait_arrivals(self, need: int, deadline: float | None) -> None:
+        """Wait until ``need`` records are queued, a full batch is, or ``deadline``."""
+        loop = self._loop
+        assert loop is not None
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._arrival_waiters.append(waiter)
+        self._wake_need = min(self._wake_need, need)
+        timer = loop.call_at(deadline, _wake, waiter) if deadline is not None else None
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if waiter in self._arrival_waiters:
+                self._arrival_waiters.remove(waiter)
+
+    async def _wait_sealed(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._sealed_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._sealed_waiters:
+                self._sealed_waiters.remove(waiter)
+
+    def _sealed_changed(self) -> None:
+        waiters = self._sealed_waiters
+        while waiters:
+            _wake(waiters.pop())
+
+    async def _aggregate(self) -> None:
+        """``"window"``: seal batches into the prefetch queue, as flyte does."""
+        loop = self._loop
+        assert loop is not None
+        pending = self._pending
+        try:
+            while True:
+                while not len(pending):
+                    if self._state is not _RUNNING:
+                        return
+                    await self._wait_arrivals(1, None)
+                reason: DispatchReason = "timeout"
+                deadline = loop.time() + self._timeout_s
+                while not pending.full:
+                    if self._state is not _RUNNING:
+                        reason = "shutdown"
+                        break
+                    if loop.time() >= deadline:
+                        break
+                    await self._wait_arrivals(sys.maxsize, deadline)
+                batch = self._take(reason)
+                if batch is None:
+                    continue
+                while len(self._sealed) >= self._prefetch:
+                    await self._wait_sealed()
+                self._sealed.append(batch)
+                self._sealed_changed()
+        finally:
+            self._sealing_done = True
+            self._sealed_changed()
+
+    async def _window_slot(self) -> None:
+        """``"window"``: one processing slot fed by the prefetch queue."""
+        loop = self._loop
+        assert loop is not None
+        while True:
+            waited_from = loop.time()
+            while not self._sealed:
+                if self._sealing_done:
+                    return
+                await self._wait_sealed()
+            batch = self._sealed.popleft()
+            self._sealed_changed()
+            self._rec.idle_s += loop.time() - waited_from
+            await self._run(batch)
+
+    async def _eager_slot(self) -> None:
+        """``"eager"``: one processing slot that forms its batch when it is free."""
+        loop = self._loop
+        assert loop is not None
+        pending = self._pending
+        while True:
+            waited_from = loop.time()
+            batch: _Batch | None = None
+            while batch is None:
+                if not len(pending):
+                    if self._state is not _RUNNING:
+                        self._rec.idle_s += loop.time() - waited_from
+                        return
+                    await self._wait_arrivals(1, None)
+                    continue
+                reason: DispatchReason = "free_slot"
+                if self._state is not _RUNNING:
+                    reason = "shutdown"
+                elif len(pending) < self._min_batch_size and not pending.full:
+                    deadline = pending.oldest_time() + self._timeout_s
+                    if loop.time() < deadline:
+                        await self._wait_arrivals(self._min_batch_size, deadline)
+                        continue
+                    reason = "timeout"
+                batch = self._take(reason)
+            self._rec.idle_s += loop.time() - waited_from
+            await self._run(batch)
+
+    # ------------------------------------------------------------------ running batches
+
+    async def _run(self, batch: _Batch) -> None:
+        """Hand a batch to ``process_fn`` and deliver every result to its own future."""
+        loop = self._loop
+        assert loop is not None
+        try:
+            live: list[Record[Any]] = []
+            dropped: list[Record[Any]] = []
+            for rec in batch.records:
+                (dropped if rec.future.done() else live).append(rec)
+                if rec.timer is not None:
+                    rec.timer.cancel()
+                    rec.timer = None
+            self._drop(dropped)
+            batch.records = live
+            if not live:
+                return
+            rec_stats = self._rec
+            started = loop.time()
+            total = sum(rec.cost for rec in live)
+            counted = batch_cost(len(live), total, max(rec.cost for rec in live), self._padded)
+            rec_stats.batch(len(live), total, counted, batch.reason)
+            rec_stats.waits.extend([started - rec.t for rec in live])
+            self._in_flight += 1
+            try:
+                error = await self._call(live)
+            finally:
+                self._in_flight -= 1
+                elapsed = loop.time() - started
+                rec_stats.busy_s += elapsed
+                rec_stats.process_times.append(elapsed)
+            if self._on_batch is not None:
+                self._report(batch, counted, started - live[0].t, elapsed, error, len(dropped))
+        finally:
+            self._out.discard(batch)
+            self._fail(batch.records)  # anything still unresolved: only on abort
+
+    async def _call(self, live: list[Record[Any]]) -> BaseException | None:
+        """Run ``process_fn`` in a task of its own; resolve the futures; return the error."""
+        loop = self._loop
+        assert loop is not None
+        try:
+            task = asyncio.ensure_future(self._process_fn([rec.item for rec in live]), loop=loop)
+        except Exception as exc:  # process_fn raised before returning an awaitable
+            return self._fail_with(live, exc)
+        task.add_done_callback(_consume)
+        try:
+            # asyncio.wait never raises the task's CancelledError: only ours (stop).
+            await asyncio.wait((task,))
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task.cancelled():
+            return self._fail_with(
+                live, BatchAbortedError(f"process_fn was cancelled (raised CancelledError) on a batch of {len(live)}")
+            )
+        exc = task.exception()
+        if exc is not None:
+            if not isinstance(exc, Exception):
+                wrapped = BatchAbortedError(f"process_fn raised {exc!r} on a batch of {len(live)}")
+                wrapped.__cause__ = exc
+                exc = wrapped
+            return self._fail_with(live, exc)
+        results = task.result()
+        if not isinstance(results, (list, tuple)):
+            return self._fail_with(
+                live,
+                TypeError(
+                    f"process_fn must return a list of {len(live)} results, got {type(results).__name__}"
+                ),
+            )
+        if len(results) != len(live):
+            return self._fail_with(
+                live, ValueError(f"process_fn returned {len(results)} results for batch of {len(live)} records")
+            )
+        completed = cancelled = 0
+        for rec, result in zip(live, results):
+            future = rec.future
+            if future.done():
+                cancelled += 1
+            else:
+                future.set_result(result)
+                completed += 1
+        self._rec.completed += completed
+        self._rec.cancelled += cancelled
+        return None
+
+    def _fail_with(self, live: list[Record[Any]], error: BaseException) -> BaseException:
+        for rec in live:
+            if rec.future.done():
+                self._rec.cancelled += 1
+            else:
+                rec.future.set_exception(error)
+                self._rec.failed += 1
+        return error
+
+    def _report(
+        self, batch: _Batch, counted: int, waited: float, elapsed: float, error: BaseException | None, dropped: int
+    ) -> None:
+        assert self._on_batch is not None
+        info = BatchInfo(
+            size=len(batch.records),
+            cost=counted,
+            reason=batch.reason,
+            queue_wait_max_s=waited,
+            process_time_s=elapsed,
+            error=error,
+            dropped=dropped,
+        )
+        try:
+            self._on_batch(info)
+        except Exception:
+            logger.exception("%s: on_batch hook raised; ignored", type(self).__name__)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Mark a process_fn task's outcome as seen (it may end after an abort)."""
+    if not task.cancelled():
+        task.exception()

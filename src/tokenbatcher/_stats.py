@@ -1,0 +1,235 @@
+"""What the numbers mean: the stats snapshot, per-batch info, and their recorder.
+
+:class:`BatchStats` is an immutable snapshot; :class:`BatchInfo` describes one
+finished batch and is what an ``on_batch`` hook receives.  The mutable
+:class:`_Recorder` lives inside the batcher and is the only thing that counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Generator, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, Literal
+
+from typing_extensions import TypeAlias
+
+DispatchReason: TypeAlias = Literal["budget", "max_size", "timeout", "free_slot", "shutdown"]
+"""Why a batch was closed: its cost budget was full, it reached ``max_batch_size``,
+its ``batch_timeout_s`` ran out (``"window"``), a processing slot was free
+(``"eager"``), or the batcher was stopping and flushed it."""
+
+WINDOW = 1024
+"""How many recent values each sliding window keeps."""
+
+
+@dataclass(frozen=True, slots=True)
+class Percentiles:
+    """Order statistics of a sliding window of recent values (0.0 when empty)."""
+
+    p50: float = 0.0
+    """The median."""
+    p95: float = 0.0
+    """95th percentile."""
+    p99: float = 0.0
+    """99th percentile."""
+    max: float = 0.0
+    """The largest value in the window."""
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Percentiles:
+        """Compute the percentiles of ``values`` (nearest-rank method)."""
+        ordered = sorted(values)
+        if not ordered:
+            return cls()
+
+        def rank(q: float) -> float:
+            return float(ordered[max(0, math.ceil(q * len(ordered)) - 1)])
+
+        return cls(p50=rank(0.50), p95=rank(0.95), p99=rank(0.99), max=float(ordered[-1]))
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """An immutable snapshot of a batcher's counters, taken by ``batcher.stats``.
+
+    The first eight fields are those of ``flyte.extras.BatchStats``; the rest are
+    tokenbatcher's.  Counters are cumulative over the batcher's life, across
+    ``stop()`` and ``start()``.  Every accepted record is, at any moment, in
+    exactly one of: completed, failed, cancelled, expired, pending -- so
+    ``total_submitted == total_completed + total_failed + total_cancelled +
+    total_expired + pending``.  ``await batcher.stats`` also works and gives
+    the same snapshot.
+    """
+
+    total_submitted: int = 0
+    """Records accepted by ``submit`` and its siblings (rejected ones are not counted)."""
+    total_completed: int = 0
+    """Records whose future received a result."""
+    total_batches: int = 0
+    """Batches handed to ``process_fn``."""
+    total_batch_cost: int = 0
+    """Sum of the costs of all records handed to ``process_fn``."""
+    avg_batch_size: float = 0.0
+    """Mean records per batch."""
+    avg_batch_cost: float = 0.0
+    """Mean cost per batch (sum of record costs)."""
+    busy_time_s: float = 0.0
+    """Seconds spent inside ``process_fn``, summed over processing slots."""
+    idle_time_s: float = 0.0
+    """Seconds processing slots waited for a batch, summed over slots."""
+    total_failed: int = 0
+    """Records whose future received an exception (failed batch, stop timeout, ...)."""
+    total_cancelled: int = 0
+    """Records whose future was cancelled by its caller before a result arrived."""
+    total_expired: int = 0
+    """Records whose deadline (``timeout_s``) passed while queued; they got ``TimeoutError``."""
+    total_rejected: int = 0
+    """Records refused by ``submit_nowait`` because the queue was full."""
+    pending: int = 0
+    """Records accepted and not yet resolved: queued, in a sealed batch, or in ``process_fn``."""
+    queue_depth: int = 0
+    """Records waiting in the queue now (not yet in a batch)."""
+    peak_queue_depth: int = 0
+    """The largest ``queue_depth`` seen."""
+    in_flight_batches: int = 0
+    """Batches inside ``process_fn`` now."""
+    batch_size: Percentiles = field(default_factory=Percentiles)
+    """Records per batch, over the last 1,024 batches."""
+    batch_cost: Percentiles = field(default_factory=Percentiles)
+    """Cost per batch as counted against the budget, over the last 1,024 batches."""
+    process_time_s: Percentiles = field(default_factory=Percentiles)
+    """Seconds per ``process_fn`` call, over the last 1,024 batches."""
+    queue_wait_s: Percentiles = field(default_factory=Percentiles)
+    """Seconds from ``submit`` to the start of the record's batch, over the last 1,024 records."""
+    dispatch_reasons: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    """How many batches were closed for each :data:`DispatchReason`."""
+
+    @property
+    def utilization(self) -> float:
+        """``busy / (busy + idle)``: the share of processing capacity used (0.0 before any)."""
+        total = self.busy_time_s + self.idle_time_s
+        return self.busy_time_s / total if total > 0 else 0.0
+
+    def __await__(self) -> Generator[Any, None, BatchStats]:
+        """Let notebooks write ``await batcher.stats``; gives this same snapshot."""
+        return self
+        yield  # pragma: no cover - makes this a generator that never suspends
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchStats(submitted={self.total_submitted}, completed={self.total_completed}, "
+            f"failed={self.total_failed}, cancelled={self.total_cancelled}, "
+            f"expired={self.total_expired}, rejected={self.total_rejected}, pending={self.pending}, "
+            f"batches={self.total_batches}, avg_batch_size={self.avg_batch_size:.1f}, "
+            f"avg_batch_cost={self.avg_batch_cost:.1f}, utilization={self.utilization:.1%}, "
+            f"queue_depth={self.queue_depth}, peak_queue_depth={self.peak_queue_depth})"
+        )
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>" for k, v in self._rows())
+        return f"<table><caption>BatchStats</caption>{rows}</table>"
+
+    def _rows(self) -> list[tuple[str, str]]:
+        rows: list[tuple[str, str]] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Percentiles):
+                text = f"p50 {value.p50:.4g} · p95 {value.p95:.4g} · p99 {value.p99:.4g} · max {value.max:.4g}"
+            elif isinstance(value, Mapping):
+                text = ", ".join(f"{k}: {n}" for k, n in sorted(value.items())) or "-"
+            elif isinstance(value, float):
+                text = f"{value:.4g}"
+            else:
+                text = str(value)
+            rows.append((f.name, text))
+        rows.append(("utilization", f"{self.utilization:.1%}"))
+        return rows
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInfo:
+    """One finished batch, as given to the ``on_batch`` hook."""
+
+    size: int
+    """Records handed to ``process_fn``."""
+    cost: int
+    """The batch's cost as counted against the budget (``batch_cost`` mode)."""
+    reason: DispatchReason
+    """Why the batch was closed."""
+    queue_wait_max_s: float
+    """Seconds the batch's oldest record waited from ``submit`` to dispatch."""
+    process_time_s: float
+    """Seconds inside ``process_fn``."""
+    error: BaseException | None
+    """What ``process_fn`` raised (or the result-shape error), None on success."""
+    dropped: int
+    """Records of this batch dropped before dispatch because their futures were already done."""
+
+
+class _Recorder:
+    """The mutable counters behind :class:`BatchStats`; only the batcher writes them."""
+
+    def __init__(self) -> None:
+        self.submitted = 0
+        self.completed = 0
+        self.failed = 0
+        self.cancelled = 0
+        self.expired = 0
+        self.rejected = 0
+        self.batches = 0
+        self.batch_cost_sum = 0
+        self.batch_size_sum = 0
+        self.busy_s = 0.0
+        self.idle_s = 0.0
+        self.peak_queue_depth = 0
+        self.reasons: dict[str, int] = {}
+        self.sizes: deque[int] = deque(maxlen=WINDOW)
+        self.costs: deque[int] = deque(maxlen=WINDOW)
+        self.process_times: deque[float] = deque(maxlen=WINDOW)
+        self.waits: deque[float] = deque(maxlen=WINDOW)
+
+    def batch(self, size: int, sum_cost: int, counted_cost: int, reason: str) -> None:
+        """Count a batch as it is handed to ``process_fn``."""
+        self.batches += 1
+        self.batch_size_sum += size
+        self.batch_cost_sum += sum_cost
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.sizes.append(size)
+        self.costs.append(counted_cost)
+
+    def snapshot(self, *, held_cancelled: int, queue_depth: int, in_flight: int) -> BatchStats:
+        """Freeze the counters.
+
+        ``held_cancelled`` counts records the batcher still holds (queued, sealed
+        or in flight) whose callers have already cancelled their futures; they are
+        counted as cancelled for good once the batcher lets go of them.
+        """
+        n = self.batches
+        cancelled = self.cancelled + held_cancelled
+        pending = self.submitted - self.completed - self.failed - cancelled - self.expired
+        return BatchStats(
+            total_submitted=self.submitted,
+            total_completed=self.completed,
+            total_batches=n,
+            total_batch_cost=self.batch_cost_sum,
+            avg_batch_size=self.batch_size_sum / n if n else 0.0,
+            avg_batch_cost=self.batch_cost_sum / n if n else 0.0,
+            busy_time_s=self.busy_s,
+            idle_time_s=self.idle_s,
+            total_failed=self.failed,
+            total_cancelled=cancelled,
+            total_expired=self.expired,
+            total_rejected=self.rejected,
+            pending=pending,
+            queue_depth=queue_depth,
+            peak_queue_depth=max(self.peak_queue_depth, queue_depth),
+            in_flight_batches=in_flight,
+            batch_size=Percentiles.of(self.sizes),
+            batch_cost=Percentiles.of(self.costs),
+            process_time_s=Percentiles.of(self.process_times),
+            queue_wait_s=Percentiles.of(self.waits),
+            dispatch_reasons=MappingProxyType(dict(self.reasons)),
+        )

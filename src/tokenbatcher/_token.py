@@ -1,0 +1,178 @@
+"""TokenBatcher: DynamicBatcher with token-named arguments, and nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from ._batcher import DynamicBatcher, _bad_cost
+from ._stats import BatchInfo
+from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, ProcessFn, RecordT, ResultT
+
+
+class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
+    """A :class:`DynamicBatcher` whose costs are tokens, for LLM and embedding work.
+
+    It maps token-named arguments onto the base class and prices a record by
+    ``estimate_tokens()`` (:class:`TokenEstimator`) before ``estimate_cost()``.
+    Each pair below is "token name, else base name":
+
+    Args:
+        inference_fn: The batch function, else ``process_fn``; one is required.
+        process_fn: See ``inference_fn``.
+        token_estimator: ``f(record) -> int``, else ``cost_estimator``.
+        cost_estimator: See ``token_estimator``.
+        target_batch_tokens: The token budget of a batch, else ``target_batch_cost``.
+        target_batch_cost: See ``target_batch_tokens``.
+        default_token_estimate: A record's tokens when nothing prices it, else ``default_cost``.
+        default_cost: See ``default_token_estimate``.
+        max_batch_size: As :class:`DynamicBatcher`; so are all the rest.
+        min_batch_size: As :class:`DynamicBatcher`.
+        batch_timeout_s: As :class:`DynamicBatcher`.
+        max_queue_size: As :class:`DynamicBatcher`.
+        prefetch_batches: As :class:`DynamicBatcher`.
+        dispatch: As :class:`DynamicBatcher`.
+        max_concurrent_batches: As :class:`DynamicBatcher`.
+        request_timeout_s: As :class:`DynamicBatcher`.
+        batch_cost: As :class:`DynamicBatcher`.
+        grouping: As :class:`DynamicBatcher`.
+        priority_aging_s: As :class:`DynamicBatcher`.
+        on_batch: As :class:`DynamicBatcher`.
+
+    Raises:
+        TypeError: Neither ``inference_fn`` nor ``process_fn`` was given, or as
+            :class:`DynamicBatcher`.
+
+    >>> import asyncio
+    >>> from tokenbatcher import Prompt, TokenBatcher
+    >>> async def embed(batch: list[Prompt]) -> list[int]:
+    ...     return [len(p.text) for p in batch]
+    >>> async def main() -> int:
+    ...     async with TokenBatcher(inference_fn=embed, target_batch_tokens=1_000) as batcher:
+    ...         future = await batcher.submit(Prompt("hello"))
+    ...         return await future
+    >>> asyncio.run(main())
+    5
+    """
+
+    _estimator_name = "token_estimator"
+    _cost_name = "estimated_tokens"
+    _probe_names = ("estimate_tokens", "estimate_cost")
+
+    def __init__(
+        self,
+        inference_fn: ProcessFn[RecordT, ResultT] | None = None,
+        *,
+        process_fn: ProcessFn[RecordT, ResultT] | None = None,
+        token_estimator: CostEstimatorFn[RecordT] | None = None,
+        cost_estimator: CostEstimatorFn[RecordT] | None = None,
+        target_batch_tokens: int | None = None,
+        target_batch_cost: int = 32_000,
+        default_token_estimate: int | None = None,
+        default_cost: int = 1,
+        max_batch_size: int = 256,
+        min_batch_size: int = 1,
+        batch_timeout_s: float = 0.05,
+        max_queue_size: int = 5_000,
+        prefetch_batches: int = 2,
+        dispatch: Dispatch = "window",
+        max_concurrent_batches: int = 1,
+        request_timeout_s: float | None = None,
+        batch_cost: BatchCost = "sum",
+        grouping: Grouping = "fifo",
+        priority_aging_s: float = 1.0,
+        on_batch: Callable[[BatchInfo], object] | None = None,
+    ) -> None:
+        fn = inference_fn if inference_fn is not None else process_fn
+        if fn is None:
+            raise TypeError("TokenBatcher requires either 'inference_fn' or 'process_fn'")
+        self._tokens_named = target_batch_tokens is not None, default_token_estimate is not None
+        super().__init__(
+            fn,
+            cost_estimator=token_estimator if token_estimator is not None else cost_estimator,
+            target_batch_cost=target_batch_tokens if target_batch_tokens is not None else target_batch_cost,
+            max_batch_size=max_batch_size,
+            min_batch_size=min_batch_size,
+            batch_timeout_s=batch_timeout_s,
+            max_queue_size=max_queue_size,
+            prefetch_batches=prefetch_batches,
+            default_cost=default_token_estimate if default_token_estimate is not None else default_cost,
+            dispatch=dispatch,
+            max_concurrent_batches=max_concurrent_batches,
+            request_timeout_s=request_timeout_s,
+            batch_cost=batch_cost,
+            grouping=grouping,
+            priority_aging_s=priority_aging_s,
+            on_batch=on_batch,
+        )
+
+    def _budget_name(self) -> str:
+        return "target_batch_tokens" if self._tokens_named[0] else "target_batch_cost"
+
+    def _default_name(self) -> str:
+        return "default_token_estimate" if self._tokens_named[1] else "default_cost"
+
+    async def submit(  # type: ignore[override]
+        self,
+        record: RecordT,
+        *,
+        estimated_tokens: int | None = None,
+        estimated_cost: int | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> asyncio.Future[ResultT]:
+        """Queue one record; return the future of its result.
+
+        As :meth:`DynamicBatcher.submit`, with ``estimated_tokens``, which wins
+        over ``estimated_cost`` when both are given.  Without either, the cost
+        is ``token_estimator(record)``, ``record.estimate_tokens()``,
+        ``record.estimate_cost()``, or the default, the first that applies.
+        """
+        if estimated_tokens is not None:
+            estimated_cost = _tokens(estimated_tokens)
+        return await DynamicBatcher.submit(
+            self, record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority
+        )
+
+    def submit_nowait(  # type: ignore[override]
+        self,
+        record: RecordT,
+        *,
+        estimated_tokens: int | None = None,
+        estimated_cost: int | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> asyncio.Future[ResultT]:
+        """As :meth:`DynamicBatcher.submit_nowait`, with ``estimated_tokens``."""
+        if estimated_tokens is not None:
+            estimated_cost = _tokens(estimated_tokens)
+        return DynamicBatcher.submit_nowait(
+            self, record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority
+        )
+
+    async def submit_batch(  # type: ignore[override]
+        self,
+        records: Sequence[RecordT],
+        *,
+        estimated_tokens: Sequence[int] | None = None,
+        estimated_cost: Sequence[int] | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> list[asyncio.Future[ResultT]]:
+        """As :meth:`DynamicBatcher.submit_batch`, with ``estimated_tokens``."""
+        if estimated_tokens is not None:
+            if len(estimated_tokens) != len(records):
+                raise ValueError(
+                    f"estimated_tokens must have one entry per record: got {len(estimated_tokens)} "
+                    f"for {len(records)} records"
+                )
+            estimated_cost = [_tokens(n) for n in estimated_tokens]
+        return await DynamicBatcher.submit_batch(
+            self, records, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority
+        )
+
+
+def _tokens(value: object) -> int:
+    if type(value) is int and value >= 0:
+        return value
+    return _bad_cost(value, "estimated_tokens")
