@@ -223,6 +223,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         self._aborting = False
         self._stop_reason = "the batcher's loops were cancelled (is the event loop shutting down?)"
         self._failure: BaseException | None = None
+        self._orphaned = False  # our loop cancelled our tasks without stop(): it shut down
         self._stopped: asyncio.Future[None] | None = None
 
     # Names used in error messages; TokenBatcher renames them.
@@ -264,7 +265,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             raise RuntimeError(f"{type(self).__name__} is already running")
         self._loop = loop = asyncio.get_running_loop()
         self._state = _RUNNING
-        self._sealing_done = self._aborting = False
+        self._sealing_done = self._aborting = self._orphaned = False
         self._failure = None
         self._stopped = loop.create_future()
         if self._eager:
@@ -343,10 +344,14 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         """A loop task ended: if not by our own stop, fail everything now."""
         if self._aborting or (not task.cancelled() and task.exception() is None):
             return
-        error = BaseException("cancelled") if task.cancelled() else task.exception()
-        self._failure = error
-        logger.error("%s: an internal loop failed: %r", type(self).__name__, error)
-        self._abort(f"an internal loop of the batcher failed ({error!r}) before this record was processed")
+        if task.cancelled():  # not by us: the event loop is shutting down under a running batcher
+            self._orphaned = True
+            reason = "the event loop running the batcher cancelled its tasks (did asyncio.run() return?)"
+        else:
+            self._failure = task.exception()
+            logger.error("%s: an internal loop failed: %r", type(self).__name__, self._failure)
+            reason = f"an internal loop of the batcher failed ({self._failure!r})"
+        self._abort(f"{reason} before this record was processed")
         self._finish_stop()
 
     def _fail(self, records: Sequence[Record[Any]]) -> None:
@@ -373,13 +378,17 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         except RuntimeError:
             loop = None
         if loop is not self._loop:
-            raise RuntimeError(
-                f"this {type(self).__name__} was started on another event loop "
-                f"({'closed' if self._loop is not None and self._loop.is_closed() else 'not this one'}). "
-                "A batcher belongs to the loop that started it: after asyncio.run() returns, "
-                "build and start a new one (with an alru_cache singleton, call cache_clear() "
-                "or key the cache by event loop)."
-            )
+            self._wrong_loop()
+
+    def _wrong_loop(self) -> None:
+        old = self._loop
+        state = "closed" if old is None or old.is_closed() else "still open, but not the one running now"
+        raise RuntimeError(
+            f"this {type(self).__name__} was started on another event loop, which is {state}. "
+            "A batcher belongs to the loop that started it: after asyncio.run() returns, "
+            "build and start a new one (with an alru_cache singleton, call cache_clear() "
+            "or key the cache by event loop)."
+        )
 
     def _refuse(self) -> None:
         """Raise the right error for a submit while not accepting records."""
@@ -389,6 +398,8 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         name = type(self).__name__
         if self._state is _STOPPING:
             raise RuntimeError(f"{name} is not running: stop() has begun, so no new records are accepted.")
+        if self._orphaned:
+            self._wrong_loop()
         if self._failure is not None:
             raise RuntimeError(
                 f"{name} is not running: an internal loop failed ({self._failure!r}). Call start() again."
@@ -584,6 +595,8 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             )
             self._rec.expired += 1
             self._expired_queued += 1
+            if self._room_waiters and self._make_room():
+                self._wake_room(self._max_queue_size - self._pending.size)
 
     def _make_room(self) -> bool:
         """Drop expired records from a full queue; True if that made room.
@@ -724,6 +737,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             waited_from = loop.time()
             while not self._sealed:
                 if self._sealing_done:
+                    self._rec.idle_s += loop.time() - waited_from
                     return
                 await self._wait_sealed()
             batch = self._sealed.popleft()
@@ -791,11 +805,13 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
                 elapsed = loop.time() - started
                 rec_stats.busy_s += elapsed
                 rec_stats.process_times.append(elapsed)
+            self._out.discard(batch)  # every record is accounted for
             if self._on_batch is not None:
                 self._report(batch, counted, started - live[0].t, elapsed, error, len(dropped))
         finally:
-            self._out.discard(batch)
-            self._fail(batch.records)  # anything still unresolved: only on abort
+            if batch in self._out:  # left early, and not already failed by _abort
+                self._out.discard(batch)
+                self._fail(batch.records)
 
     async def _call(self, live: list[Record[Any]]) -> BaseException | None:
         """Run ``process_fn`` in a task of its own; resolve the futures; return the error."""

@@ -1,0 +1,304 @@
+"""The compatible surface of SPEC part 1: names, signatures, defaults, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+import tokenbatcher
+from tokenbatcher import (
+    BatchStats,
+    CostEstimator,
+    DynamicBatcher,
+    Prompt,
+    TokenBatcher,
+    TokenEstimator,
+)
+
+REFERENCE_NAMES = {
+    "BatchStats",
+    "CostEstimator",
+    "CostEstimatorFn",
+    "DynamicBatcher",
+    "InferenceFn",
+    "ProcessFn",
+    "Prompt",
+    "TokenBatcher",
+    "TokenEstimator",
+    "TokenEstimatorFn",
+}
+
+
+async def echo(batch: list[Any]) -> list[Any]:
+    return list(batch)
+
+
+def test_all_is_complete_and_holds_every_reference_name() -> None:
+    public = {name for name in dir(tokenbatcher) if not name.startswith("_")}
+    assert set(tokenbatcher.__all__) == public
+    assert REFERENCE_NAMES <= set(tokenbatcher.__all__)
+
+
+@pytest.mark.parametrize("name", tokenbatcher.__all__)
+def test_every_public_name_is_documented(name: str) -> None:
+    obj = getattr(tokenbatcher, name)
+    if inspect.isclass(obj) or inspect.isfunction(obj):
+        assert inspect.getdoc(obj), name
+        for attr, member in vars(obj).items():
+            if not attr.startswith("_") and (inspect.isfunction(member) or isinstance(member, property)):
+                assert inspect.getdoc(member), f"{name}.{attr}"
+
+
+def params(fn: Any) -> list[tuple[str, Any, Any]]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+K = inspect.Parameter.KEYWORD_ONLY
+PK = inspect.Parameter.POSITIONAL_OR_KEYWORD
+E = inspect.Parameter.empty
+
+
+def test_dynamic_batcher_signature_matches_the_reference() -> None:
+    got = params(DynamicBatcher.__init__)[1:]
+    assert got[:9] == [
+        ("process_fn", PK, E),
+        ("cost_estimator", K, None),
+        ("target_batch_cost", K, 32_000),
+        ("max_batch_size", K, 256),
+        ("min_batch_size", K, 1),
+        ("batch_timeout_s", K, 0.05),
+        ("max_queue_size", K, 5_000),
+        ("prefetch_batches", K, 2),
+        ("default_cost", K, 1),
+    ]
+    additions = dict((name, default) for name, kind, default in got[9:] if kind is K)
+    assert additions == {
+        "dispatch": "window",
+        "max_concurrent_batches": 1,
+        "request_timeout_s": None,
+        "batch_cost": "sum",
+        "grouping": "fifo",
+        "priority_aging_s": 1.0,
+        "on_batch": None,
+    }
+
+
+def test_token_batcher_signature_matches_the_reference() -> None:
+    got = params(TokenBatcher.__init__)[1:]
+    assert got[:13] == [
+        ("inference_fn", PK, None),
+        ("process_fn", K, None),
+        ("token_estimator", K, None),
+        ("cost_estimator", K, None),
+        ("target_batch_tokens", K, None),
+        ("target_batch_cost", K, 32_000),
+        ("default_token_estimate", K, None),
+        ("default_cost", K, 1),
+        ("max_batch_size", K, 256),
+        ("min_batch_size", K, 1),
+        ("batch_timeout_s", K, 0.05),
+        ("max_queue_size", K, 5_000),
+        ("prefetch_batches", K, 2),
+    ]
+    # every addition of the base class is accepted and forwarded
+    base_additions = [p[0] for p in params(DynamicBatcher.__init__)[10:]]
+    assert [p[0] for p in got[13:]] == base_additions
+
+
+def test_submit_signatures() -> None:
+    assert params(DynamicBatcher.submit)[1:] == [
+        ("record", PK, E),
+        ("estimated_cost", K, None),
+        ("timeout_s", K, None),
+        ("priority", K, 0),
+    ]
+    assert params(TokenBatcher.submit)[1:3] == [("record", PK, E), ("estimated_tokens", K, None)]
+    assert params(DynamicBatcher.submit_batch)[1:3] == [("records", PK, E), ("estimated_cost", K, None)]
+    assert params(DynamicBatcher.stop)[1:] == [("timeout", K, None)]
+
+
+def test_token_batcher_requires_a_function() -> None:
+    with pytest.raises(TypeError, match="requires either"):
+        TokenBatcher()
+
+
+def test_batch_stats_fields_defaults_and_utilization() -> None:
+    stats = BatchStats()
+    assert (
+        stats.total_submitted,
+        stats.total_completed,
+        stats.total_batches,
+        stats.total_batch_cost,
+        stats.avg_batch_size,
+        stats.avg_batch_cost,
+        stats.busy_time_s,
+        stats.idle_time_s,
+    ) == (0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0)
+    assert stats.utilization == 0.0
+    assert BatchStats(busy_time_s=3.0, idle_time_s=1.0).utilization == 0.75
+
+
+def test_batch_stats_is_an_immutable_snapshot() -> None:
+    stats = BatchStats(total_submitted=3)
+    with pytest.raises(AttributeError):
+        stats.total_submitted = 4  # type: ignore[misc]
+
+
+def test_prompt_estimate() -> None:
+    assert Prompt("").estimate_tokens() == 1
+    assert Prompt("x" * 17).estimate_tokens() == 17 // 4 + 1
+    assert isinstance(Prompt("a"), TokenEstimator)
+    assert not isinstance(Prompt("a"), CostEstimator)
+
+
+@pytest.mark.asyncio
+async def test_submit_before_start_raises_not_running() -> None:
+    batcher = DynamicBatcher(echo)
+    with pytest.raises(RuntimeError, match="not running"):
+        await batcher.submit(1)
+    assert not batcher.is_running
+
+
+@pytest.mark.asyncio
+async def test_start_twice_raises_already_running() -> None:
+    async with DynamicBatcher(echo) as batcher:
+        assert batcher.is_running
+        with pytest.raises(RuntimeError, match="already running"):
+            await batcher.start()
+    assert not batcher.is_running
+
+
+@pytest.mark.asyncio
+async def test_context_manager_returns_the_batcher_and_results_reach_their_futures() -> None:
+    async with DynamicBatcher(echo) as batcher:
+        futures = [await batcher.submit(i) for i in range(10)]
+        assert await asyncio.gather(*futures) == list(range(10))
+        batch_futures = await batcher.submit_batch(["a", "b", "c"], estimated_cost=[1, 2, 3])
+        assert await asyncio.gather(*batch_futures) == ["a", "b", "c"]
+
+
+@pytest.mark.asyncio
+async def test_submit_batch_cost_length_must_match() -> None:
+    async with DynamicBatcher(echo) as batcher:
+        with pytest.raises(ValueError, match="estimated_cost must have one entry per record"):
+            await batcher.submit_batch([1, 2], estimated_cost=[1])
+
+
+@dataclass
+class Costly:
+    cost: int
+
+    def estimate_cost(self) -> int:
+        return self.cost
+
+
+@dataclass
+class Both:
+    def estimate_cost(self) -> int:
+        return 100
+
+    def estimate_tokens(self) -> int:
+        return 7
+
+
+async def costs_seen(batcher_factory: Any, submits: list[tuple[Any, dict[str, Any]]]) -> list[int]:
+    """Submit records one batch at a time and read the cost each batch was counted at."""
+    seen: list[int] = []
+    batcher = batcher_factory(on_batch=lambda info: seen.append(info.cost), max_batch_size=1)
+    async with batcher:
+        for record, kwargs in submits:
+            await (await batcher.submit(record, **kwargs))
+    return seen
+
+
+@pytest.mark.asyncio
+async def test_dynamic_batcher_cost_precedence() -> None:
+    def make(**kw: Any) -> DynamicBatcher[Any, Any]:
+        return DynamicBatcher(echo, default_cost=5, **kw)
+
+    assert await costs_seen(make, [(Costly(3), {"estimated_cost": 9}), (Costly(3), {}), ("plain", {})]) == [9, 3, 5]
+
+    def with_estimator(**kw: Any) -> DynamicBatcher[Any, Any]:
+        return DynamicBatcher(echo, cost_estimator=lambda r: 11, **kw)
+
+    assert await costs_seen(with_estimator, [(Costly(3), {}), (Costly(3), {"estimated_cost": 2})]) == [11, 2]
+    # the base class does not probe estimate_tokens
+    assert await costs_seen(make, [(Both(), {}), (Prompt("x" * 40), {})]) == [100, 5]
+
+
+@pytest.mark.asyncio
+async def test_token_batcher_cost_precedence_and_names() -> None:
+    def make(**kw: Any) -> TokenBatcher[Any, Any]:
+        return TokenBatcher(inference_fn=echo, default_token_estimate=4, default_cost=99, **kw)
+
+    got = await costs_seen(
+        make,
+        [
+            (Both(), {"estimated_tokens": 3, "estimated_cost": 8}),
+            (Both(), {"estimated_cost": 8}),
+            (Both(), {}),
+            (Costly(6), {}),
+            (Prompt("x" * 40), {}),
+            ("plain", {}),
+        ],
+    )
+    assert got == [3, 8, 7, 6, 11, 4]
+
+    def fallback_names(**kw: Any) -> TokenBatcher[Any, Any]:
+        return TokenBatcher(process_fn=echo, cost_estimator=lambda r: 21, target_batch_cost=50, **kw)
+
+    assert await costs_seen(fallback_names, [("x", {})]) == [21]
+
+    def token_estimator_wins(**kw: Any) -> TokenBatcher[Any, Any]:
+        return TokenBatcher(echo, token_estimator=lambda r: 2, cost_estimator=lambda r: 21, **kw)
+
+    assert await costs_seen(token_estimator_wins, [(Both(), {})]) == [2]
+
+
+@pytest.mark.asyncio
+async def test_token_batcher_budget_mapping() -> None:
+    sizes: list[int] = []
+
+    async def record_sizes(batch: list[Any]) -> list[Any]:
+        sizes.append(len(batch))
+        return batch
+
+    async with TokenBatcher(record_sizes, target_batch_tokens=10, target_batch_cost=1000) as batcher:
+        futures = [await batcher.submit(i, estimated_tokens=5) for i in range(6)]
+        await asyncio.gather(*futures)
+    assert sizes == [2, 2, 2]
+
+
+@pytest.mark.asyncio
+async def test_process_fn_error_reaches_every_future_and_the_batcher_keeps_running() -> None:
+    calls = 0
+
+    async def flaky(batch: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyError("boom")
+        return batch
+
+    async with DynamicBatcher(flaky) as batcher:
+        first = [await batcher.submit(i) for i in range(3)]
+        for future in first:
+            with pytest.raises(KeyError, match="boom"):
+                await future
+        assert await (await batcher.submit(7)) == 7
+
+
+@pytest.mark.asyncio
+async def test_wrong_result_count_is_a_value_error_on_every_future() -> None:
+    async def short(batch: list[int]) -> list[int]:
+        return batch[:-1]
+
+    async with DynamicBatcher(short) as batcher:
+        futures = [await batcher.submit(i) for i in range(4)]
+        for future in futures:
+            with pytest.raises(ValueError, match="process_fn returned 3 results for batch of 4 records"):
+                await future
