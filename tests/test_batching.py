@@ -36,8 +36,10 @@ def now() -> float:
 async def test_hard_budget_the_crossing_record_waits_for_the_next_batch() -> None:
     fn = Recorder()
     async with DynamicBatcher(fn, target_batch_cost=10) as batcher:
-        futures = [await batcher.submit(name, estimated_cost=cost) for name, cost in
-                   [("a", 4), ("b", 4), ("c", 4), ("d", 6), ("e", 25), ("f", 1)]]
+        futures = [
+            await batcher.submit(name, estimated_cost=cost)
+            for name, cost in [("a", 4), ("b", 4), ("c", 4), ("d", 6), ("e", 25), ("f", 1)]
+        ]
         await asyncio.gather(*futures)
     # flyte would put a+b+c (12) together; the budget is hard here.
     assert fn.batches == [["a", "b"], ["c", "d"], ["e"], ["f"]]

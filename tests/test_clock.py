@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+
 from conftest import Deadlock, VirtualClockLoop, run_virtual
 
 

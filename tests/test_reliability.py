@@ -12,8 +12,8 @@ from fractions import Fraction
 from typing import Any
 
 import pytest
-from conftest import run_virtual
 
+from conftest import run_virtual
 from tokenbatcher import BatchAbortedError, BatcherStoppedError, DynamicBatcher, TokenBatcher
 
 
@@ -332,7 +332,7 @@ async def test_a_raising_or_lying_estimator_reaches_only_its_caller() -> None:
     async with DynamicBatcher(echo, cost_estimator=estimator) as batcher:
         with pytest.raises(LookupError, match="no tokenizer"):
             await batcher.submit("raise")
-        with pytest.raises(TypeError, match="cost_estimator must be a non-negative int, got 1.5"):
+        with pytest.raises(TypeError, match=r"cost_estimator must be a non-negative int, got 1\.5"):
             await batcher.submit("float")
         assert await (await batcher.submit("ok")) == "ok"
 
@@ -380,9 +380,7 @@ async def test_bad_timeout_and_priority_are_rejected() -> None:
         ({"on_batch": 3}, TypeError, "on_batch must be callable"),
     ],
 )
-def test_invalid_settings_are_rejected_naming_the_parameter(
-    kwargs: dict[str, Any], error: type, match: str
-) -> None:
+def test_invalid_settings_are_rejected_naming_the_parameter(kwargs: dict[str, Any], error: type, match: str) -> None:
     kwargs = {"process_fn": echo, **kwargs}
     with pytest.raises(error, match=match):
         DynamicBatcher(**kwargs)
@@ -405,7 +403,7 @@ def test_a_batcher_used_from_a_second_event_loop_says_what_happened() -> None:
         await batcher.start()  # never stopped: the classic cached singleton
 
     async def second() -> None:
-        with pytest.raises(RuntimeError, match="started on another event loop, which is closed.*cache_clear"):
+        with pytest.raises(RuntimeError, match=r"started on another event loop, which is closed.*cache_clear"):
             await batcher.submit(1)
 
     loop = asyncio.new_event_loop()

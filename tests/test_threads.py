@@ -22,6 +22,7 @@ async def double(batch: list[int]) -> list[int]:
 @pytest.mark.asyncio
 async def test_many_threads_get_their_own_results() -> None:
     async with DynamicBatcher(double, batch_timeout_s=0.005) as batcher:
+
         def worker(base: int) -> list[int]:
             futures = [batcher.submit_threadsafe(base + i) for i in range(50)]
             return [f.result(timeout=10) for f in futures]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import itertools
 import logging
 import math
 import operator
@@ -23,13 +24,13 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Generic
+from typing import Any, Generic, SupportsIndex
 
 from typing_extensions import Self
 
 from ._errors import BatchAbortedError, BatcherStoppedError, QueueFullError
 from ._pending import Pending, Record, batch_cost
-from ._stats import BatchInfo, BatchStats, DispatchReason, _Recorder
+from ._stats import BatchInfo, BatchStats, DispatchReason, Recorder
 from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, ProcessFn, RecordT, ResultT
 
 logger = logging.getLogger("tokenbatcher")
@@ -48,7 +49,9 @@ _NEW, _RUNNING, _STOPPING, _STOPPED = _State  # module constants: cheaper than _
 class _Batch:
     """Records taken from the queue together, and why the batch was closed."""
 
-    __slots__ = ("records", "reason")
+    __slots__ = ("reason", "records")
+    records: list[Record[Any]]
+    reason: DispatchReason
 
     def __init__(self, records: list[Record[Any]], reason: DispatchReason) -> None:
         self.records = records
@@ -68,9 +71,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
-def _check_seconds(name: str, value: object, *, allow_none: bool, allow_zero: bool) -> float | None:
-    if value is None and allow_none:
-        return None
+def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, got {value!r} ({type(value).__name__})")
     if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
@@ -79,14 +80,18 @@ def _check_seconds(name: str, value: object, *, allow_none: bool, allow_zero: bo
     return float(value)
 
 
+def _check_optional_seconds(name: str, value: object, *, allow_zero: bool) -> float | None:
+    return None if value is None else _check_seconds(name, value, allow_zero=allow_zero)
+
+
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
-def _bad_cost(value: object, source: str) -> int:
+def bad_cost(value: object, source: str) -> int:
     """The slow path of cost validation: convert an integer-like value or raise."""
-    if not isinstance(value, bool) and hasattr(type(value), "__index__"):
+    if not isinstance(value, bool) and isinstance(value, SupportsIndex):
         converted = operator.index(value)  # e.g. numpy.int64
         if converted >= 0:
             return converted
@@ -179,21 +184,17 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         self._max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
         self._min_batch_size = _check_int("min_batch_size", min_batch_size, 1)
         if self._min_batch_size > self._max_batch_size:
-            raise ValueError(
-                f"min_batch_size must be <= max_batch_size, got {min_batch_size} > {max_batch_size}"
-            )
-        self._timeout_s = _check_seconds("batch_timeout_s", batch_timeout_s, allow_none=False, allow_zero=True)
+            raise ValueError(f"min_batch_size must be <= max_batch_size, got {min_batch_size} > {max_batch_size}")
+        self._timeout_s = _check_seconds("batch_timeout_s", batch_timeout_s, allow_zero=True)
         self._max_queue_size = _check_int("max_queue_size", max_queue_size, 1)
         self._prefetch = _check_int("prefetch_batches", prefetch_batches, 1)
         self._default_cost = _check_int(self._default_name(), default_cost, 0)
         _check_choice("dispatch", dispatch, ("window", "eager"))
         self._slots = _check_int("max_concurrent_batches", max_concurrent_batches, 1)
-        self._request_timeout_s = _check_seconds(
-            "request_timeout_s", request_timeout_s, allow_none=True, allow_zero=False
-        )
+        self._request_timeout_s = _check_optional_seconds("request_timeout_s", request_timeout_s, allow_zero=False)
         _check_choice("batch_cost", batch_cost, ("sum", "padded"))
         _check_choice("grouping", grouping, ("fifo", "similar_cost"))
-        self._aging_s = _check_seconds("priority_aging_s", priority_aging_s, allow_none=False, allow_zero=True)
+        self._aging_s = _check_seconds("priority_aging_s", priority_aging_s, allow_zero=True)
         self._process_fn = process_fn
         self._estimator = cost_estimator
         self._eager = dispatch == "eager"
@@ -206,7 +207,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             padded=self._padded,
             similar=grouping == "similar_cost",
         )
-        self._rec = _Recorder()
+        self._rec = Recorder()
         self._state: _State = _NEW
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -243,8 +244,8 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
     @property
     def stats(self) -> BatchStats:
         """A :class:`BatchStats` snapshot (``await batcher.stats`` works too)."""
-        held = [self._pending, *(b.records for b in self._out)]
-        held_cancelled = sum(1 for records in held for rec in records if rec.future.cancelled())
+        held = itertools.chain(self._pending, *(batch.records for batch in self._out))
+        held_cancelled = sum(1 for rec in held if rec.future.cancelled())
         return self._rec.snapshot(
             held_cancelled=held_cancelled, queue_depth=len(self._pending), in_flight=self._in_flight
         )
@@ -291,7 +292,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
                 with :class:`BatcherStoppedError`.  None waits for the drain.
                 If the task calling ``stop`` is cancelled, the same happens at once.
         """
-        _check_seconds("timeout", timeout, allow_none=True, allow_zero=True)
+        _check_optional_seconds("timeout", timeout, allow_zero=True)
         if self._state is _NEW or self._state is _STOPPED:
             return
         self._check_loop()
@@ -423,14 +424,14 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
                 return self._default_cost
         if type(cost) is int and cost >= 0:
             return cost
-        return _bad_cost(cost, source)
+        return bad_cost(cost, source)
 
     def _check_request(self, timeout_s: float | None, priority: int) -> float | None:
         if type(priority) is not int:
             _check_int("priority", priority, -sys.maxsize)
         if timeout_s is None:
             return self._request_timeout_s
-        return _check_seconds("timeout_s", timeout_s, allow_none=False, allow_zero=False)
+        return _check_seconds("timeout_s", timeout_s, allow_zero=False)
 
     def _enqueue(self, item: RecordT, cost: int, timeout_s: float | None, priority: int) -> asyncio.Future[ResultT]:
         loop = self._loop
@@ -486,7 +487,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         if self._state is not _RUNNING or asyncio.get_running_loop() is not self._loop:
             self._refuse()
         cost = self._cost(record, estimated_cost)
-        deadline = self._check_request(timeout_s, priority) if timeout_s is not None or priority else self._request_timeout_s
+        deadline = self._check_request(timeout_s, priority)
         if self._pending.size >= self._max_queue_size:
             await self._wait_for_room()
         return self._enqueue(record, cost, deadline, priority)
@@ -515,8 +516,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         if self._pending.size >= self._max_queue_size and not self._make_room():
             self._rec.rejected += 1
             raise QueueFullError(
-                f"{type(self).__name__} queue is full ({self._max_queue_size} records, max_queue_size); "
-                "record rejected"
+                f"{type(self).__name__} queue is full ({self._max_queue_size} records, max_queue_size); record rejected"
             )
         return self._enqueue(record, cost, deadline, priority)
 
@@ -540,16 +540,15 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         """
         if estimated_cost is not None and len(estimated_cost) != len(records):
             raise ValueError(
-                f"estimated_cost must have one entry per record: got {len(estimated_cost)} "
-                f"for {len(records)} records"
+                f"estimated_cost must have one entry per record: got {len(estimated_cost)} for {len(records)} records"
             )
         if self._state is not _RUNNING or asyncio.get_running_loop() is not self._loop:
             self._refuse()
         explicit: Sequence[int | None] = estimated_cost if estimated_cost is not None else [None] * len(records)
-        costs = [self._cost(record, cost) for record, cost in zip(records, explicit)]
+        costs = [self._cost(record, cost) for record, cost in zip(records, explicit, strict=True)]
         deadline = self._check_request(timeout_s, priority)
-        futures = []
-        for record, cost in zip(records, costs):
+        futures: list[asyncio.Future[ResultT]] = []
+        for record, cost in zip(records, costs, strict=True):
             if self._pending.size >= self._max_queue_size:
                 await self._wait_for_room()
             futures.append(self._enqueue(record, cost, deadline, priority))
@@ -662,7 +661,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             self._wake_room(len(records) + len(dropped))
         if not records:
             return None
-        batch = _Batch(records, limit or reason)  # type: ignore[arg-type]
+        batch = _Batch(records, limit or reason)
         self._out.add(batch)
         return batch
 
@@ -818,7 +817,8 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         loop = self._loop
         assert loop is not None
         try:
-            task = asyncio.ensure_future(self._process_fn([rec.item for rec in live]), loop=loop)
+            # typed Any: what process_fn really returns is checked below
+            task: asyncio.Future[Any] = asyncio.ensure_future(self._process_fn([rec.item for rec in live]), loop=loop)
         except Exception as exc:  # process_fn raised before returning an awaitable
             return self._fail_with(live, exc)
         task.add_done_callback(_consume)
@@ -832,27 +832,25 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             return self._fail_with(
                 live, BatchAbortedError(f"process_fn was cancelled (raised CancelledError) on a batch of {len(live)}")
             )
-        exc = task.exception()
-        if exc is not None:
-            if not isinstance(exc, Exception):
-                wrapped = BatchAbortedError(f"process_fn raised {exc!r} on a batch of {len(live)}")
-                wrapped.__cause__ = exc
-                exc = wrapped
-            return self._fail_with(live, exc)
+        error = task.exception()
+        if error is not None:
+            if not isinstance(error, Exception):
+                wrapped = BatchAbortedError(f"process_fn raised {error!r} on a batch of {len(live)}")
+                wrapped.__cause__ = error
+                error = wrapped
+            return self._fail_with(live, error)
         results = task.result()
-        if not isinstance(results, (list, tuple)):
+        if not isinstance(results, (list, tuple)):  # pyright: ignore[reportUnnecessaryIsInstance]  (user code may return anything)
             return self._fail_with(
                 live,
-                TypeError(
-                    f"process_fn must return a list of {len(live)} results, got {type(results).__name__}"
-                ),
+                TypeError(f"process_fn must return a list of {len(live)} results, got {type(results).__name__}"),
             )
         if len(results) != len(live):
             return self._fail_with(
                 live, ValueError(f"process_fn returned {len(results)} results for batch of {len(live)} records")
             )
         completed = cancelled = 0
-        for rec, result in zip(live, results):
+        for rec, result in zip(live, results, strict=True):
             future = rec.future
             if future.done():
                 cancelled += 1

@@ -14,7 +14,8 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TextIO
 
 from ._stats import BatchStats
 from ._token import TokenBatcher
@@ -49,7 +50,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-async def run_clients(prompts: list[Prompt], clients: int, send: object) -> list[float]:
+async def run_clients(prompts: list[Prompt], clients: int, send: Callable[[Prompt], Awaitable[object]]) -> list[float]:
     """Split ``prompts`` among ``clients`` tasks that each send theirs one by one; return latencies."""
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
@@ -57,14 +58,14 @@ async def run_clients(prompts: list[Prompt], clients: int, send: object) -> list
     async def client(mine: list[Prompt]) -> None:
         for prompt in mine:
             started = loop.time()
-            await send(prompt)  # type: ignore[operator]
+            await send(prompt)
             latencies.append(loop.time() - started)
 
     await asyncio.gather(*(client(prompts[i::clients]) for i in range(clients)))
     return latencies
 
 
-async def progress(batcher: TokenBatcher[Prompt, str], total: int, stream: object, every_s: float) -> None:
+async def progress(batcher: TokenBatcher[Prompt, str], total: int, stream: TextIO, every_s: float) -> None:
     started = time.perf_counter()
     while True:
         await asyncio.sleep(every_s)
@@ -73,7 +74,7 @@ async def progress(batcher: TokenBatcher[Prompt, str], total: int, stream: objec
         print(
             f"  {stats.total_completed:>6}/{total} done · {stats.total_batches} batches · "
             f"queue {stats.queue_depth:>4} · {rate:,.0f} prompts/s",
-            file=stream,  # type: ignore[arg-type]
+            file=stream,
             flush=True,
         )
 

@@ -25,7 +25,7 @@ import heapq
 import math
 from collections import deque
 from collections.abc import Iterator
-from typing import Any, Generic
+from typing import Any, Generic, Literal, TypeAlias
 
 from ._types import ResultT
 
@@ -33,11 +33,9 @@ from ._types import ResultT
 class Record(Generic[ResultT]):
     """One accepted record and the future its result goes to."""
 
-    __slots__ = ("item", "future", "cost", "t", "key", "seq", "timer")
+    __slots__ = ("cost", "future", "item", "key", "seq", "t", "timer")
 
-    def __init__(
-        self, item: Any, future: asyncio.Future[ResultT], cost: int, t: float, key: float, seq: int
-    ) -> None:
+    def __init__(self, item: Any, future: asyncio.Future[ResultT], cost: int, t: float, key: float, seq: int) -> None:
         self.item = item
         self.future = future
         self.cost = cost
@@ -51,6 +49,10 @@ class Record(Generic[ResultT]):
 
     def __lt__(self, other: Record[Any]) -> bool:
         return self.key < other.key or (self.key == other.key and self.seq < other.seq)
+
+
+Limit: TypeAlias = Literal["budget", "max_size"]
+"""What closed a batch that is full."""
 
 
 def batch_cost(size: int, total: int, largest: int, padded: bool) -> int:
@@ -126,7 +128,7 @@ class Pending:
             if self.full:
                 break
 
-    def take(self) -> tuple[list[Record[Any]], str | None, list[Record[Any]]]:
+    def take(self) -> tuple[list[Record[Any]], Limit | None, list[Record[Any]]]:
         """Remove and return ``(batch, limit, dropped)``.
 
         ``limit`` is ``"budget"`` or ``"max_size"`` when that closed the batch,
@@ -156,7 +158,7 @@ class Pending:
             dropped.append(rec)
         return None
 
-    def _take_fifo(self, head: Record[Any], dropped: list[Record[Any]]) -> tuple[list[Record[Any]], str | None]:
+    def _take_fifo(self, head: Record[Any], dropped: list[Record[Any]]) -> tuple[list[Record[Any]], Limit | None]:
         budget, max_size, padded = self._budget, self._max_size, self._padded
         batch = [head]
         n, total, largest = 1, head.cost, head.cost
@@ -186,9 +188,7 @@ class Pending:
                 return batch, "budget"
         return batch, "max_size"
 
-    def _take_similar(
-        self, head: Record[Any], dropped: list[Record[Any]]
-    ) -> tuple[list[Record[Any]], str | None]:
+    def _take_similar(self, head: Record[Any], dropped: list[Record[Any]]) -> tuple[list[Record[Any]], Limit | None]:
         budget, max_size, padded = self._budget, self._max_size, self._padded
         rest = list(self)  # in heap mode not sorted; batch and queue are re-sorted below
         anchor = math.log1p(head.cost)

@@ -12,9 +12,7 @@ from collections import deque
 from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, Literal
-
-from typing_extensions import TypeAlias
+from typing import Any, Literal, TypeAlias
 
 DispatchReason: TypeAlias = Literal["budget", "max_size", "timeout", "free_slot", "shutdown"]
 """Why a batch was closed: its cost budget was full, it reached ``max_batch_size``,
@@ -135,11 +133,11 @@ class BatchStats:
     def _rows(self) -> list[tuple[str, str]]:
         rows: list[tuple[str, str]] = []
         for f in fields(self):
-            value = getattr(self, f.name)
+            value: object = getattr(self, f.name)
             if isinstance(value, Percentiles):
                 text = f"p50 {value.p50:.4g} · p95 {value.p95:.4g} · p99 {value.p99:.4g} · max {value.max:.4g}"
-            elif isinstance(value, Mapping):
-                text = ", ".join(f"{k}: {n}" for k, n in sorted(value.items())) or "-"
+            elif f.name == "dispatch_reasons":
+                text = ", ".join(f"{k}: {n}" for k, n in sorted(self.dispatch_reasons.items())) or "-"
             elif isinstance(value, float):
                 text = f"{value:.4g}"
             else:
@@ -169,7 +167,7 @@ class BatchInfo:
     """Records of this batch dropped before dispatch because their futures were already done."""
 
 
-class _Recorder:
+class Recorder:
     """The mutable counters behind :class:`BatchStats`; only the batcher writes them."""
 
     def __init__(self) -> None:

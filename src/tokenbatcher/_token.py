@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
-from ._batcher import DynamicBatcher, _bad_cost
+from ._batcher import DynamicBatcher, bad_cost
 from ._stats import BatchInfo
 from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, ProcessFn, RecordT, ResultT
 
@@ -112,7 +112,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
     def _default_name(self) -> str:
         return "default_token_estimate" if self._tokens_named[1] else "default_cost"
 
-    async def submit(  # type: ignore[override]
+    async def submit(
         self,
         record: RecordT,
         *,
@@ -130,11 +130,9 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         """
         if estimated_tokens is not None:
             estimated_cost = _tokens(estimated_tokens)
-        return await DynamicBatcher.submit(
-            self, record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority
-        )
+        return await super().submit(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
 
-    def submit_nowait(  # type: ignore[override]
+    def submit_nowait(
         self,
         record: RecordT,
         *,
@@ -146,11 +144,9 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         """As :meth:`DynamicBatcher.submit_nowait`, with ``estimated_tokens``."""
         if estimated_tokens is not None:
             estimated_cost = _tokens(estimated_tokens)
-        return DynamicBatcher.submit_nowait(
-            self, record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority
-        )
+        return super().submit_nowait(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
 
-    async def submit_batch(  # type: ignore[override]
+    async def submit_batch(
         self,
         records: Sequence[RecordT],
         *,
@@ -167,12 +163,12 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
                     f"for {len(records)} records"
                 )
             estimated_cost = [_tokens(n) for n in estimated_tokens]
-        return await DynamicBatcher.submit_batch(
-            self, records, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority
+        return await super().submit_batch(
+            records, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority
         )
 
 
 def _tokens(value: object) -> int:
     if type(value) is int and value >= 0:
         return value
-    return _bad_cost(value, "estimated_tokens")
+    return bad_cost(value, "estimated_tokens")

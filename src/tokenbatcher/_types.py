@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar, runtime_checkable
-
-from typing_extensions import TypeAlias
+from typing import Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 RecordT = TypeVar("RecordT")
 ResultT = TypeVar("ResultT")
