@@ -277,6 +277,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         self._tasks = [loop.create_task(body, name=f"{name}-loop-{i}") for i, body in enumerate(bodies)]
         for task in self._tasks:
             task.add_done_callback(self._loop_ended)
+        logger.info("%s started (dispatch=%r)", name, self._dispatch)
 
     async def stop(self, *, timeout: float | None = None) -> None:
         """Stop accepting records, process every accepted one, then stop.
@@ -315,6 +316,15 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             self._finish_stop()
 
     def _finish_stop(self) -> None:
+        if self._state is not _STOPPED:
+            stats = self._rec
+            logger.info(
+                "%s stopped: %d records completed, %d failed, in %d batches",
+                type(self).__name__,
+                stats.completed,
+                stats.failed,
+                stats.batches,
+            )
         self._state = _STOPPED
         self._tasks = []
         self._release_all_waiters()
@@ -862,6 +872,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         return None
 
     def _fail_with(self, live: list[Record[Any]], error: BaseException) -> BaseException:
+        logger.error("%s: batch of %d records failed: %r", type(self).__name__, len(live), error)
         for rec in live:
             if rec.future.done():
                 self._rec.cancelled += 1
