@@ -63,6 +63,11 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def _wake_all(waiters: list[asyncio.Future[None]] | deque[asyncio.Future[None]]) -> None:
+    while waiters:
+        _wake(waiters.pop())
+
+
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
@@ -367,12 +372,9 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
 
     def _fail(self, records: Sequence[Record[Any]]) -> None:
         """Fail every unresolved future among ``records`` with BatcherStoppedError."""
+        self._drop(records)
         for rec in records:
-            if rec.timer is not None:
-                rec.timer.cancel()
-            if rec.future.cancelled():
-                self._rec.cancelled += 1
-            elif not rec.future.done():
+            if not rec.future.done():
                 error = BatcherStoppedError(self._stop_reason)
                 error.__cause__ = self._failure
                 rec.future.set_exception(error)
@@ -380,8 +382,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
 
     def _release_all_waiters(self) -> None:
         for waiters in (self._arrival_waiters, self._sealed_waiters, self._room_waiters):
-            while waiters:
-                _wake(waiters.pop())
+            _wake_all(waiters)
 
     def _check_loop(self) -> None:
         try:
@@ -650,14 +651,12 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
 
     def _wake_arrivals(self) -> None:
         self._wake_need = sys.maxsize
-        waiters = self._arrival_waiters
-        while waiters:
-            _wake(waiters.pop())
+        _wake_all(self._arrival_waiters)
 
     # ------------------------------------------------------------------ forming batches
 
-    def _drop(self, records: list[Record[Any]]) -> None:
-        """Account for records removed from the queue because their futures were done."""
+    def _drop(self, records: Sequence[Record[Any]]) -> None:
+        """Let go of records: stop their deadline timers; count the ones their callers cancelled."""
         for rec in records:
             if rec.timer is not None:
                 rec.timer.cancel()
@@ -703,9 +702,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
                 self._sealed_waiters.remove(waiter)
 
     def _sealed_changed(self) -> None:
-        waiters = self._sealed_waiters
-        while waiters:
-            _wake(waiters.pop())
+        _wake_all(self._sealed_waiters)
 
     async def _aggregate(self) -> None:
         """``"window"``: seal batches into the prefetch queue, as flyte does."""
