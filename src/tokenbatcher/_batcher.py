@@ -216,7 +216,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         self._state: _State = _NEW
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._seq = 0
+        self._seq = 0  # records accepted so far; also each record's tie-breaker in the queue
         self._out: set[_Batch] = set()  # batches taken from the queue, futures not all resolved
         self._sealed: deque[_Batch] = deque()  # "window": the prefetch queue
         self._sealing_done = False
@@ -226,6 +226,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         self._sealed_waiters: list[asyncio.Future[None]] = []
         self._room_waiters: deque[asyncio.Future[None]] = deque()
         self._expired_queued = 0  # expired records still in the queue, at most
+        self._deadlines = False  # has any record had a deadline? (then timers need cancelling)
         self._aborting = False
         self._stop_reason = "the batcher's loops were cancelled (is the event loop shutting down?)"
         self._failure: BaseException | None = None
@@ -251,8 +252,13 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         """A :class:`BatchStats` snapshot (``await batcher.stats`` works too)."""
         held = itertools.chain(self._pending, *(batch.records for batch in self._out))
         held_cancelled = sum(1 for rec in held if rec.future.cancelled())
+        pending = self._pending
         return self._rec.snapshot(
-            held_cancelled=held_cancelled, queue_depth=len(self._pending), in_flight=self._in_flight
+            submitted=self._seq,
+            held_cancelled=held_cancelled,
+            queue_depth=pending.size,
+            peak_queue_depth=max(pending.peak, pending.size),
+            in_flight=self._in_flight,
         )
 
     def __repr__(self) -> str:
@@ -452,13 +458,10 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         self._seq += 1
         rec = Record(item, future, cost, now, now + priority * self._aging_s if priority else now, self._seq)
         if timeout_s is not None:
+            self._deadlines = True
             rec.timer = loop.call_at(now + timeout_s, self._expire, rec, timeout_s)
         pending = self._pending
         pending.push(rec)
-        stats = self._rec
-        stats.submitted += 1
-        if pending.size > stats.peak_queue_depth:
-            stats.peak_queue_depth = pending.size
         if self._arrival_waiters and (pending.size >= self._wake_need or pending.full):
             self._wake_arrivals()
         return future
@@ -498,7 +501,10 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         if self._state is not _RUNNING or asyncio.get_running_loop() is not self._loop:
             self._refuse()
         cost = self._cost(record, estimated_cost)
-        deadline = self._check_request(timeout_s, priority)
+        if timeout_s is None and type(priority) is int:
+            deadline = self._request_timeout_s  # the common case, without a call
+        else:
+            deadline = self._check_request(timeout_s, priority)
         if self._pending.size >= self._max_queue_size:
             await self._wait_for_room()
         return self._enqueue(record, cost, deadline, priority)
@@ -660,6 +666,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         for rec in records:
             if rec.timer is not None:
                 rec.timer.cancel()
+                rec.timer = None
             if rec.future.cancelled():
                 self._rec.cancelled += 1
 
@@ -786,21 +793,21 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         loop = self._loop
         assert loop is not None
         try:
-            live: list[Record[Any]] = []
-            dropped: list[Record[Any]] = []
-            for rec in batch.records:
-                (dropped if rec.future.done() else live).append(rec)
-                if rec.timer is not None:
-                    rec.timer.cancel()
-                    rec.timer = None
-            self._drop(dropped)
-            batch.records = live
+            records = batch.records
+            live = [rec for rec in records if not rec.future.done()]
+            dropped = len(records) - len(live)
+            if dropped:
+                self._drop([rec for rec in records if rec.future.done()])
+                batch.records = live
+            if self._deadlines:  # dispatched records no longer expire
+                self._drop(live)
             if not live:
                 return
             rec_stats = self._rec
             started = loop.time()
-            total = sum(rec.cost for rec in live)
-            counted = batch_cost(len(live), total, max(rec.cost for rec in live), self._padded)
+            costs = [rec.cost for rec in live]
+            total = sum(costs)
+            counted = batch_cost(len(live), total, max(costs) if self._padded else 0, self._padded)
             rec_stats.batch(len(live), total, counted, batch.reason)
             rec_stats.waits.extend([started - rec.t for rec in live])
             self._in_flight += 1
@@ -813,7 +820,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
                 rec_stats.process_times.append(elapsed)
             self._out.discard(batch)  # every record is accounted for
             if self._on_batch is not None:
-                self._report(batch, counted, started - live[0].t, elapsed, error, len(dropped))
+                self._report(batch, counted, started - live[0].t, elapsed, error, dropped)
         finally:
             if batch in self._out:  # left early, and not already failed by _abort
                 self._out.discard(batch)

@@ -79,6 +79,8 @@ class Pending:
         """True when the queued records would fill a batch (budget or size)."""
         self.size = 0
         """How many records are queued (``len()`` without a call, for the hot path)."""
+        self.peak = 0
+        """The largest ``size`` so far, as of the last removal (the queue only shrinks there)."""
 
     def __len__(self) -> int:
         return self.size
@@ -136,6 +138,9 @@ class Pending:
         already done (cancelled by the caller, or expired); they are removed
         and not part of the batch.
         """
+        self.peak = max(self.peak, self.size)
+        if self._heap is None and not self._similar:
+            return self._take_prefix()
         dropped: list[Record[Any]] = []
         head = self._pop_live(dropped)
         if head is None:
@@ -149,6 +154,24 @@ class Pending:
             self._heap = None
         self._refill()
         return batch, limit, dropped
+
+    def _take_prefix(self) -> tuple[list[Record[Any]], Limit | None, list[Record[Any]]]:
+        """FIFO without priorities: the batch is the prefix that ``push`` already measured.
+
+        Records whose futures are done are left in the batch, for the batcher
+        to drop before dispatch: that keeps this O(batch) with no per-record test.
+        """
+        fifo, n = self._fifo, self._fill_n
+        if n >= len(fifo):
+            batch = list(fifo)
+            fifo.clear()
+        else:
+            batch = [fifo.popleft() for _ in range(n)]
+        limit: Limit | None = None
+        if self.full:
+            limit = "max_size" if n >= self._max_size else "budget"
+        self._refill()
+        return batch, limit, []
 
     def _pop_live(self, dropped: list[Record[Any]]) -> Record[Any] | None:
         while self._fifo if self._heap is None else self._heap:
@@ -222,6 +245,7 @@ class Pending:
 
     def compact(self) -> list[Record[Any]]:
         """Remove and return every record whose future is already done."""
+        self.peak = max(self.peak, self.size)
         done = [rec for rec in self if rec.future.done()]
         if done:
             live = [rec for rec in self if not rec.future.done()]
@@ -235,6 +259,7 @@ class Pending:
 
     def clear(self) -> list[Record[Any]]:
         """Remove and return every record."""
+        self.peak = max(self.peak, self.size)
         everything = list(self)
         self._fifo = deque()
         self._heap = None

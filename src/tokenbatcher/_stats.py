@@ -171,7 +171,6 @@ class Recorder:
     """The mutable counters behind :class:`BatchStats`; only the batcher writes them."""
 
     def __init__(self) -> None:
-        self.submitted = 0
         self.completed = 0
         self.failed = 0
         self.cancelled = 0
@@ -182,7 +181,6 @@ class Recorder:
         self.batch_size_sum = 0
         self.busy_s = 0.0
         self.idle_s = 0.0
-        self.peak_queue_depth = 0
         self.reasons: dict[str, int] = {}
         self.sizes: deque[int] = deque(maxlen=WINDOW)
         self.costs: deque[int] = deque(maxlen=WINDOW)
@@ -198,8 +196,10 @@ class Recorder:
         self.sizes.append(size)
         self.costs.append(counted_cost)
 
-    def snapshot(self, *, held_cancelled: int, queue_depth: int, in_flight: int) -> BatchStats:
-        """Freeze the counters.
+    def snapshot(
+        self, *, submitted: int, held_cancelled: int, queue_depth: int, peak_queue_depth: int, in_flight: int
+    ) -> BatchStats:
+        """Freeze the counters, with the numbers the batcher keeps elsewhere.
 
         ``held_cancelled`` counts records the batcher still holds (queued, sealed
         or in flight) whose callers have already cancelled their futures; they are
@@ -207,9 +207,9 @@ class Recorder:
         """
         n = self.batches
         cancelled = self.cancelled + held_cancelled
-        pending = self.submitted - self.completed - self.failed - cancelled - self.expired
+        pending = submitted - self.completed - self.failed - cancelled - self.expired
         return BatchStats(
-            total_submitted=self.submitted,
+            total_submitted=submitted,
             total_completed=self.completed,
             total_batches=n,
             total_batch_cost=self.batch_cost_sum,
@@ -223,7 +223,7 @@ class Recorder:
             total_rejected=self.rejected,
             pending=pending,
             queue_depth=queue_depth,
-            peak_queue_depth=max(self.peak_queue_depth, queue_depth),
+            peak_queue_depth=peak_queue_depth,
             in_flight_batches=in_flight,
             batch_size=Percentiles.of(self.sizes),
             batch_cost=Percentiles.of(self.costs),
