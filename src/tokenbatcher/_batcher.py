@@ -249,8 +249,14 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
 
     @property
     def stats(self) -> BatchStats:
-        """A :class:`BatchStats` snapshot (``await batcher.stats`` works too)."""
-        held = itertools.chain(self._pending, *(batch.records for batch in self._out))
+        """A :class:`BatchStats` snapshot (``await batcher.stats`` works too).
+
+        Counters move at dispatch: a batch counts in ``total_batches`` from the
+        moment it enters ``process_fn``.  Safe to read from another thread (a
+        metrics scraper); the numbers are then as of a moment, not atomic.
+        """
+        # list() copies a deque, heap or set in one step, so a running loop cannot mutate it under us
+        held = itertools.chain(list(self._pending), *(batch.records for batch in list(self._out)))
         held_cancelled = sum(1 for rec in held if rec.future.cancelled())
         pending = self._pending
         return self._rec.snapshot(
@@ -820,7 +826,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
                 rec_stats.process_times.append(elapsed)
             self._out.discard(batch)  # every record is accounted for
             if self._on_batch is not None:
-                self._report(batch, counted, started - live[0].t, elapsed, error, dropped)
+                self._report(batch, counted, started, started - live[0].t, elapsed, error, dropped)
         finally:
             if batch in self._out:  # left early, and not already failed by _abort
                 self._out.discard(batch)
@@ -886,10 +892,18 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         return error
 
     def _report(
-        self, batch: _Batch, counted: int, waited: float, elapsed: float, error: BaseException | None, dropped: int
+        self,
+        batch: _Batch,
+        counted: int,
+        started: float,
+        waited: float,
+        elapsed: float,
+        error: BaseException | None,
+        dropped: int,
     ) -> None:
         assert self._on_batch is not None
         info = BatchInfo(
+            started_at=started,
             size=len(batch.records),
             cost=counted,
             reason=batch.reason,

@@ -149,7 +149,10 @@ class BatchStats:
 
 @dataclass(frozen=True, slots=True)
 class BatchInfo:
-    """One finished batch, as given to the ``on_batch`` hook."""
+    """One finished batch, as given to the ``on_batch`` hook (called after ``process_fn`` returns)."""
+
+    started_at: float
+    """The event loop's clock (``loop.time()``) when the batch entered ``process_fn``."""
 
     size: int
     """Records handed to ``process_fn``."""
@@ -164,7 +167,10 @@ class BatchInfo:
     error: BaseException | None
     """What ``process_fn`` raised (or the result-shape error), None on success."""
     dropped: int
-    """Records of this batch dropped before dispatch because their futures were already done."""
+    """Records of this batch dropped just before dispatch because their futures were already done.
+
+    Records cancelled or expired while still queued are dropped earlier and are
+    not counted here; ``BatchStats.total_cancelled`` and ``total_expired`` count all."""
 
 
 class Recorder:
