@@ -85,3 +85,16 @@ def test_a_sync_program_with_the_loop_in_a_background_thread() -> None:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
         loop.close()
+
+
+@pytest.mark.asyncio
+async def test_token_batcher_submit_threadsafe_takes_estimated_tokens() -> None:
+    from tokenbatcher import TokenBatcher
+
+    costs: list[int] = []
+    async with TokenBatcher(double, on_batch=lambda info: costs.append(info.cost)) as batcher:
+        future = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: batcher.submit_threadsafe(21, estimated_tokens=9)
+        )
+        assert await asyncio.wrap_future(future) == 42
+    assert costs == [9]

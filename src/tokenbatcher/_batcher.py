@@ -1,6 +1,6 @@
 """DynamicBatcher: the lifecycle, submission, and the loops that run batches.
 
-Records go into :class:`~tokenbatcher._pending.Pending`.  Batches are taken
+Records go into ``Pending`` (``_pending.py``).  Batches are taken
 from it either by an aggregation loop that seals them into a bounded prefetch
 queue (``dispatch="window"``, flyte's timing) or by each processing slot the
 moment it is free (``dispatch="eager"``).  ``max_concurrent_batches``
@@ -115,7 +115,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
     Args:
         process_fn: ``async def f(batch: list[RecordT]) -> list[ResultT]``,
             returning one result per record, in order.
-        cost_estimator: ``f(record) -> int``; see :meth:`submit` for how a
+        cost_estimator: ``f(record) -> int``; see [submit][] for how a
             record's cost is found.
         target_batch_cost: The cost budget of one batch (>= 1).
         max_batch_size: The most records in one batch (>= 1).
@@ -125,7 +125,8 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             full batch or the timeout, so it changes nothing there.)  Records
             are never re-queued or reordered.
         batch_timeout_s: ``"window"``: how long a batch may keep filling after
-            its first record is picked up.
+            its first record is picked up.  ``"eager"``: the longest a free
+            slot waits for ``min_batch_size`` records.
         max_queue_size: The most records waiting for a batch; ``submit`` waits
             (backpressure) and ``submit_nowait`` raises when it is reached.
         prefetch_batches: ``"window"``: how many sealed batches may wait in
@@ -146,7 +147,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         priority_aging_s: Seconds one priority step is worth: a record is never
             overtaken by one submitted more than ``(its priority - the other's)
             * priority_aging_s`` seconds after it.
-        on_batch: Called with a :class:`BatchInfo` after each batch; its
+        on_batch: Called with a [BatchInfo][] after each batch; its
             exceptions are logged and otherwise ignored.
 
     Raises:
@@ -244,12 +245,12 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
 
     @property
     def is_running(self) -> bool:
-        """True from a successful :meth:`start` until :meth:`stop` returns."""
+        """True from a successful [start][] until [stop][] returns."""
         return self._state is _RUNNING or self._state is _STOPPING
 
     @property
     def stats(self) -> BatchStats:
-        """A :class:`BatchStats` snapshot (``await batcher.stats`` works too).
+        """A [BatchStats][] snapshot (``await batcher.stats`` works too).
 
         Counters move at dispatch: a batch counts in ``total_batches`` from the
         moment it enters ``process_fn``.  Safe to read from another thread (a
@@ -302,12 +303,12 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         From the moment ``stop`` begins, ``submit`` raises ``RuntimeError`` and
         producers waiting for queue space are released with it.  Returns once
         every accepted future is resolved.  Safe to call twice and when not
-        running; :meth:`start` may be called again afterwards.
+        running; [start][] may be called again afterwards.
 
         Args:
             timeout: Seconds to drain before giving up: then ``process_fn`` calls
                 still running are cancelled and every unresolved future fails
-                with :class:`BatcherStoppedError`.  None waits for the drain.
+                with [BatcherStoppedError][].  None waits for the drain.
                 If the task calling ``stop`` is cancelled, the same happens at once.
         """
         _check_optional_seconds("timeout", timeout, allow_zero=True)
@@ -523,14 +524,14 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         timeout_s: float | None = None,
         priority: int = 0,
     ) -> asyncio.Future[ResultT]:
-        """Like :meth:`submit`, but never waits: a full queue raises instead.
+        """Like [submit][], but never waits: a full queue raises instead.
 
         Call it from the batcher's event loop (a plain, non-async method).
 
         Raises:
             QueueFullError: The queue holds ``max_queue_size`` records; the
                 record was not accepted (and is counted in ``total_rejected``).
-            RuntimeError: As :meth:`submit`.
+            RuntimeError: As [submit][].
         """
         if self._state is not _RUNNING or asyncio.get_running_loop() is not self._loop:
             self._refuse()
@@ -558,8 +559,17 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         Args:
             records: The records.
             estimated_cost: Their costs, a sequence as long as ``records``.
-            timeout_s: As :meth:`submit`, for every record.
-            priority: As :meth:`submit`, for every record.
+            timeout_s: As [submit][], for every record.
+            priority: As [submit][], for every record.
+
+        Returns:
+            One future per record, in the order of ``records``.
+
+        Raises:
+            ValueError: ``estimated_cost`` has another length than ``records``;
+                nothing was queued.
+            RuntimeError: As [submit][]; if ``stop()`` begins while this waits
+                for room, the records queued so far are still processed.
         """
         if estimated_cost is not None and len(estimated_cost) != len(records):
             raise ValueError(
@@ -594,7 +604,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
 
         Raises:
             RuntimeError: The batcher is not running, or this is called from the
-                batcher's own event-loop thread (use :meth:`submit` there).
+                batcher's own event-loop thread (use [submit][] there).
         """
         loop = self._loop
         if self._state is not _RUNNING or loop is None:
@@ -826,7 +836,8 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
                 rec_stats.process_times.append(elapsed)
             self._out.discard(batch)  # every record is accounted for
             if self._on_batch is not None:
-                self._report(batch, counted, started, started - live[0].t, elapsed, error, dropped)
+                oldest = min(rec.t for rec in live)
+                self._report(batch, counted, started, started - oldest, elapsed, error, dropped)
         finally:
             if batch in self._out:  # left early, and not already failed by _abort
                 self._out.discard(batch)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class QueueFullError(Exception):
-    """:meth:`DynamicBatcher.submit_nowait` found the queue full; nothing was accepted."""
+    """The queue was full, so nothing was accepted.
+
+    Raised by [DynamicBatcher.submit_nowait][tokenbatcher.DynamicBatcher.submit_nowait].
+    """
 
 
 class BatcherStoppedError(RuntimeError):

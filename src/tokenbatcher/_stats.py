@@ -1,8 +1,8 @@
 """What the numbers mean: the stats snapshot, per-batch info, and their recorder.
 
-:class:`BatchStats` is an immutable snapshot; :class:`BatchInfo` describes one
+[BatchStats][] is an immutable snapshot; [BatchInfo][] describes one
 finished batch and is what an ``on_batch`` hook receives.  The mutable
-:class:`_Recorder` lives inside the batcher and is the only thing that counts.
+[Recorder][] lives inside the batcher and is the only thing that counts.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class BatchStats:
     queue_wait_s: Percentiles = field(default_factory=Percentiles)
     """Seconds from ``submit`` to the start of the record's batch, over the last 1,024 records."""
     dispatch_reasons: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
-    """How many batches were closed for each :data:`DispatchReason`."""
+    """How many batches were closed for each [DispatchReason][]."""
 
     @property
     def utilization(self) -> float:
@@ -174,7 +174,7 @@ class BatchInfo:
 
 
 class Recorder:
-    """The mutable counters behind :class:`BatchStats`; only the batcher writes them."""
+    """The mutable counters behind [BatchStats][]; only the batcher writes them."""
 
     def __init__(self) -> None:
         self.completed = 0

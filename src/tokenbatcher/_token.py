@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Callable, Sequence
 
 from ._batcher import DynamicBatcher, bad_cost
@@ -11,48 +12,49 @@ from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, ProcessFn, R
 
 
 class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
-    """A :class:`DynamicBatcher` whose costs are tokens, for LLM and embedding work.
+    """A [DynamicBatcher][] whose costs are tokens, for LLM and embedding work.
 
-    It maps token-named arguments onto the base class and prices a record by
-    ``estimate_tokens()`` (:class:`TokenEstimator`) before ``estimate_cost()``.
-    Each pair below is "token name, else base name":
+        It maps token-named arguments onto the base class and prices a record by
+        ``estimate_tokens()`` ([TokenEstimator][tokenbatcher.TokenEstimator]) before ``estimate_cost()``.
+        Each pair below is "token name, else base name":
 
-    Args:
-        inference_fn: The batch function, else ``process_fn``; one is required.
-        process_fn: See ``inference_fn``.
-        token_estimator: ``f(record) -> int``, else ``cost_estimator``.
-        cost_estimator: See ``token_estimator``.
-        target_batch_tokens: The token budget of a batch, else ``target_batch_cost``.
-        target_batch_cost: See ``target_batch_tokens``.
-        default_token_estimate: A record's tokens when nothing prices it, else ``default_cost``.
-        default_cost: See ``default_token_estimate``.
-        max_batch_size: As :class:`DynamicBatcher`; so are all the rest.
-        min_batch_size: As :class:`DynamicBatcher`.
-        batch_timeout_s: As :class:`DynamicBatcher`.
-        max_queue_size: As :class:`DynamicBatcher`.
-        prefetch_batches: As :class:`DynamicBatcher`.
-        dispatch: As :class:`DynamicBatcher`.
-        max_concurrent_batches: As :class:`DynamicBatcher`.
-        request_timeout_s: As :class:`DynamicBatcher`.
-        batch_cost: As :class:`DynamicBatcher`.
-        grouping: As :class:`DynamicBatcher`.
-        priority_aging_s: As :class:`DynamicBatcher`.
-        on_batch: As :class:`DynamicBatcher`.
+        Args:
+            inference_fn: The batch function, else ``process_fn``; one is required.
+            process_fn: See ``inference_fn``.
+            token_estimator: ``f(record) -> int``, else ``cost_estimator``.
+            cost_estimator: See ``token_estimator``.
+            target_batch_tokens: The token budget of a batch, else ``target_batch_cost``.
+            target_batch_cost: See ``target_batch_tokens``.
+            default_token_estimate: A record's tokens when nothing prices it, else ``default_cost``.
+            default_cost: See ``default_token_estimate``.
+            max_batch_size: As [DynamicBatcher][]; so are all the rest.
+            min_batch_size: As [DynamicBatcher][].
+            batch_timeout_s: As [DynamicBatcher][].
+            max_queue_size: As [DynamicBatcher][].
+            prefetch_batches: As [DynamicBatcher][].
+            dispatch: As [DynamicBatcher][].
+            max_concurrent_batches: As [DynamicBatcher][].
+            request_timeout_s: As [DynamicBatcher][].
+            batch_cost: As [DynamicBatcher][].
+            grouping: As [DynamicBatcher][].
+            priority_aging_s: As [DynamicBatcher][].
+            on_batch: As [DynamicBatcher][].
 
-    Raises:
-        TypeError: Neither ``inference_fn`` nor ``process_fn`` was given, or as
-            :class:`DynamicBatcher`.
+        Raises:
+            TypeError: Neither ``inference_fn`` nor ``process_fn`` was given, or as
+                [DynamicBatcher][].
 
-    >>> import asyncio
-    >>> from tokenbatcher import Prompt, TokenBatcher
-    >>> async def embed(batch: list[Prompt]) -> list[int]:
-    ...     return [len(p.text) for p in batch]
-    >>> async def main() -> int:
-    ...     async with TokenBatcher(inference_fn=embed, target_batch_tokens=1_000) as batcher:
-    ...         future = await batcher.submit(Prompt("hello"))
-    ...         return await future
-    >>> asyncio.run(main())
-    5
+        Examples:
+            >>> import asyncio
+            >>> from tokenbatcher import Prompt, TokenBatcher
+            >>> async def embed(batch: list[Prompt]) -> list[int]:
+            ...     return [len(p.text) for p in batch]
+            >>> async def main() -> int:
+            ...     async with TokenBatcher(inference_fn=embed, target_batch_tokens=1_000) as batcher:
+            ...         future = await batcher.submit(Prompt("hello"))
+            ...         return await future
+            >>> asyncio.run(main())
+            5
     """
 
     _estimator_name = "token_estimator"
@@ -123,7 +125,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
     ) -> asyncio.Future[ResultT]:
         """Queue one record; return the future of its result.
 
-        As :meth:`DynamicBatcher.submit`, with ``estimated_tokens``, which wins
+        As [DynamicBatcher.submit][], with ``estimated_tokens``, which wins
         over ``estimated_cost`` when both are given.  Without either, the cost
         is ``token_estimator(record)``, ``record.estimate_tokens()``,
         ``record.estimate_cost()``, or the default, the first that applies.
@@ -141,10 +143,24 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         timeout_s: float | None = None,
         priority: int = 0,
     ) -> asyncio.Future[ResultT]:
-        """As :meth:`DynamicBatcher.submit_nowait`, with ``estimated_tokens``."""
+        """As [DynamicBatcher.submit_nowait][], with ``estimated_tokens``."""
         if estimated_tokens is not None:
             estimated_cost = _tokens(estimated_tokens)
         return super().submit_nowait(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
+
+    def submit_threadsafe(
+        self,
+        record: RecordT,
+        *,
+        estimated_tokens: int | None = None,
+        estimated_cost: int | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> concurrent.futures.Future[ResultT]:
+        """As [DynamicBatcher.submit_threadsafe][], with ``estimated_tokens``."""
+        if estimated_tokens is not None:
+            estimated_cost = _tokens(estimated_tokens)
+        return super().submit_threadsafe(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
 
     async def submit_batch(
         self,
@@ -155,7 +171,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         timeout_s: float | None = None,
         priority: int = 0,
     ) -> list[asyncio.Future[ResultT]]:
-        """As :meth:`DynamicBatcher.submit_batch`, with ``estimated_tokens``."""
+        """As [DynamicBatcher.submit_batch][], with ``estimated_tokens``."""
         if estimated_tokens is not None:
             if len(estimated_tokens) != len(records):
                 raise ValueError(

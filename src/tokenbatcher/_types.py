@@ -1,7 +1,7 @@
 """The shapes of the functions and records a batcher works with.
 
 Everything here is a type: the estimator protocols a record may implement,
-the aliases for the user's functions, and :class:`Prompt`, the smallest
+the aliases for the user's functions, and [Prompt][], the smallest
 record that knows its own size.
 """
 
@@ -18,22 +18,22 @@ ProcessFn: TypeAlias = Callable[[list[RecordT]], Awaitable[list[ResultT]]]
 """``async def f(batch: list[RecordT]) -> list[ResultT]``: one result per record, in order."""
 
 InferenceFn: TypeAlias = ProcessFn[RecordT, ResultT]
-"""The token-flavoured name of :data:`ProcessFn`, used by :class:`TokenBatcher`."""
+"""The token-flavoured name of [ProcessFn][], used by [TokenBatcher][tokenbatcher.TokenBatcher]."""
 
 CostEstimatorFn: TypeAlias = Callable[[RecordT], int]
 """``f(record) -> int``: the cost of one record, a non-negative ``int``."""
 
 TokenEstimatorFn: TypeAlias = CostEstimatorFn[RecordT]
-"""The token-flavoured name of :data:`CostEstimatorFn`."""
+"""The token-flavoured name of [CostEstimatorFn][]."""
 
 Dispatch: TypeAlias = Literal["window", "eager"]
-"""When a batch is formed; see :class:`DynamicBatcher`."""
+"""When a batch is formed; see [DynamicBatcher][tokenbatcher.DynamicBatcher]."""
 
 BatchCost: TypeAlias = Literal["sum", "padded"]
-"""How a batch's cost is counted against the budget; see :class:`DynamicBatcher`."""
+"""How a batch's cost is counted against the budget; see [DynamicBatcher][tokenbatcher.DynamicBatcher]."""
 
 Grouping: TypeAlias = Literal["fifo", "similar_cost"]
-"""Which queued records are put together; see :class:`DynamicBatcher`."""
+"""Which queued records are put together; see [DynamicBatcher][tokenbatcher.DynamicBatcher]."""
 
 
 @runtime_checkable
@@ -58,8 +58,9 @@ class TokenEstimator(Protocol):
 class Prompt:
     """A text prompt whose size is estimated at about four characters a token.
 
-    >>> Prompt("What is Flyte?").estimate_tokens()
-    4
+    Examples:
+        >>> Prompt("What is Flyte?").estimate_tokens()
+        4
     """
 
     text: str
