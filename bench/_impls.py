@@ -16,12 +16,13 @@ import asyncio
 import datetime
 import os
 import platform
+import subprocess
 import sys
 import warnings
 from collections import deque
 from collections.abc import Awaitable, Callable
 from importlib import metadata
-from typing import Any
+from typing import Any, Literal
 
 import tokenbatcher
 
@@ -104,7 +105,7 @@ class FloorBatcher:
                 continue
             batch = [popleft() for _ in range(min(len(items), limit))]
             results = await self._fn([record for record, _ in batch])
-            for (_, fut), result in zip(batch, results):
+            for (_, fut), result in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(result)
 
@@ -112,7 +113,7 @@ class FloorBatcher:
 # --------------------------------------------------------------------- registry
 
 
-def _ours(dispatch: str) -> Callable[[ProcessFn], Any]:
+def _ours(dispatch: Literal["window", "eager"]) -> Callable[[ProcessFn], Any]:
     def make(process_fn: ProcessFn) -> Any:
         return tokenbatcher.DynamicBatcher(process_fn, dispatch=dispatch)
 
@@ -144,6 +145,32 @@ def factories(*, floor: bool) -> dict[str, Callable[[ProcessFn], Any]]:
     return out
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_state() -> str:
+    """The commit the measured source came from, if it is a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(tokenbatcher.__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "src"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
+    return f"git {head}{' + uncommitted changes in src/' if dirty else ''}"
+
+
 def machine_info() -> dict[str, str]:
     cpus = os.cpu_count() or 0
     try:
@@ -154,15 +181,18 @@ def machine_info() -> dict[str, str]:
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         load = "n/a"
+    loop = asyncio.new_event_loop()
+    loop_name = type(loop).__name__
+    loop.close()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "cpu_count": f"{cpus} ({usable} usable)",
         "load_avg": load,
-        "event_loop": type(asyncio.new_event_loop()).__name__,
-        "tokenbatcher": tokenbatcher.__version__,
+        "event_loop": loop_name,
+        "tokenbatcher": f"{tokenbatcher.__version__} ({_git_state()})",
         "flyte": flyte_version() or f"not installed ({FLYTE_ERROR})",
         "argv": " ".join([os.path.basename(sys.executable), *sys.argv]),
     }

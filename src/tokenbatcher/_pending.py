@@ -81,6 +81,7 @@ class Pending:
         """How many records are queued (``len()`` without a call, for the hot path)."""
         self.peak = 0
         """The largest ``size`` so far, as of the last removal (the queue only shrinks there)."""
+        self._total = 0  # the sum of the queued records' costs
 
     def __len__(self) -> int:
         return self.size
@@ -95,6 +96,7 @@ class Pending:
     def push(self, rec: Record[Any]) -> None:
         """Queue a record (its ``key`` and ``seq`` already set)."""
         self.size += 1
+        self._total += rec.cost
         if self._heap is not None:
             heapq.heappush(self._heap, rec)
         elif rec.key == rec.t:
@@ -113,7 +115,7 @@ class Pending:
         n = self._fill_n + 1
         largest = cost if cost > self._fill_max else self._fill_max
         total = self._fill_total + cost
-        counted = batch_cost(n, total, largest, self._padded)
+        counted = n * largest if self._padded else total  # batch_cost(), inline: once per record
         if counted > self._budget and self._fill_n:
             self.full = True  # this record would cross the budget: the batch is full
             return
@@ -122,7 +124,13 @@ class Pending:
             self.full = True
 
     def _refill(self) -> None:
+        """Measure the next batch from scratch, after records were removed."""
         self._resize()
+        if not self._padded and self.size < self._max_size and self._total < self._budget:
+            # Sum budget, and everything queued fits: no need to look at each record.
+            self._fill_n, self._fill_total, self._fill_max = self.size, self._total, 0
+            self.full = False
+            return
         self._fill_n = self._fill_total = self._fill_max = 0
         self.full = False
         for rec in self:
@@ -144,6 +152,7 @@ class Pending:
         dropped: list[Record[Any]] = []
         head = self._pop_live(dropped)
         if head is None:
+            self._total = 0
             self._refill()
             return [], None, dropped
         if self._similar:
@@ -152,6 +161,7 @@ class Pending:
             batch, limit = self._take_fifo(head, dropped)
         if self._heap is not None and not self._heap:
             self._heap = None
+        self._total -= sum(rec.cost for rec in batch) + sum(rec.cost for rec in dropped)
         self._refill()
         return batch, limit, dropped
 
@@ -167,6 +177,7 @@ class Pending:
             fifo.clear()
         else:
             batch = [fifo.popleft() for _ in range(n)]
+        self._total -= self._fill_total  # the prefix's cost, measured as it grew
         limit: Limit | None = None
         if self.full:
             limit = "max_size" if n >= self._max_size else "budget"
@@ -254,6 +265,7 @@ class Pending:
             else:
                 heapq.heapify(live)
                 self._heap = live or None
+            self._total = sum(rec.cost for rec in live)
             self._refill()
         return done
 
@@ -263,5 +275,6 @@ class Pending:
         everything = list(self)
         self._fifo = deque()
         self._heap = None
+        self._total = 0
         self._refill()
         return everything
