@@ -83,13 +83,16 @@ async def soak(records: int, producers: int, seed: int) -> int:
                 await asyncio.sleep(0)
                 continue
             futures[record] = future
+            if len(futures) >= records // 2:
+                halfway.set()
             if rng.random() < 0.02:
                 future.cancel()
                 cancelled_by_us += 1
 
+    halfway = asyncio.Event()
+
     async def restart_halfway() -> None:
-        while len(futures) < records // 2:
-            await asyncio.sleep(0.01)
+        await halfway.wait()
         await batcher.stop(timeout=0.5)
         await batcher.start()
 
@@ -99,7 +102,8 @@ async def soak(records: int, producers: int, seed: int) -> int:
     elapsed = time.perf_counter() - started
 
     lost = [r for r, f in futures.items() if not f.done()]
-    wrong = [r for r, f in futures.items() if f.done() and not f.cancelled() and not f.exception() and f.result() != 2 * r]
+    resolved = [(r, f) for r, f in futures.items() if f.done() and not f.cancelled() and not f.exception()]
+    wrong = [r for r, f in resolved if f.result() != 2 * r]
     stats = batcher.stats
     outcomes = stats.total_completed + stats.total_failed + stats.total_cancelled + stats.total_expired
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

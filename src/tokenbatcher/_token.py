@@ -14,47 +14,47 @@ from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, ProcessFn, R
 class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
     """A [DynamicBatcher][] whose costs are tokens, for LLM and embedding work.
 
-        It maps token-named arguments onto the base class and prices a record by
-        ``estimate_tokens()`` ([TokenEstimator][tokenbatcher.TokenEstimator]) before ``estimate_cost()``.
-        Each pair below is "token name, else base name":
+    It maps token-named arguments onto the base class and prices a record by
+    ``estimate_tokens()`` ([TokenEstimator][tokenbatcher.TokenEstimator]) before ``estimate_cost()``.
+    Each pair below is "token name, else base name":
 
-        Args:
-            inference_fn: The batch function, else ``process_fn``; one is required.
-            process_fn: See ``inference_fn``.
-            token_estimator: ``f(record) -> int``, else ``cost_estimator``.
-            cost_estimator: See ``token_estimator``.
-            target_batch_tokens: The token budget of a batch, else ``target_batch_cost``.
-            target_batch_cost: See ``target_batch_tokens``.
-            default_token_estimate: A record's tokens when nothing prices it, else ``default_cost``.
-            default_cost: See ``default_token_estimate``.
-            max_batch_size: As [DynamicBatcher][]; so are all the rest.
-            min_batch_size: As [DynamicBatcher][].
-            batch_timeout_s: As [DynamicBatcher][].
-            max_queue_size: As [DynamicBatcher][].
-            prefetch_batches: As [DynamicBatcher][].
-            dispatch: As [DynamicBatcher][].
-            max_concurrent_batches: As [DynamicBatcher][].
-            request_timeout_s: As [DynamicBatcher][].
-            batch_cost: As [DynamicBatcher][].
-            grouping: As [DynamicBatcher][].
-            priority_aging_s: As [DynamicBatcher][].
-            on_batch: As [DynamicBatcher][].
+    Args:
+        inference_fn: The batch function, else ``process_fn``; one is required.
+        process_fn: See ``inference_fn``.
+        token_estimator: ``f(record) -> int``, else ``cost_estimator``.
+        cost_estimator: See ``token_estimator``.
+        target_batch_tokens: The token budget of a batch, else ``target_batch_cost``.
+        target_batch_cost: See ``target_batch_tokens``.
+        default_token_estimate: A record's tokens when nothing prices it, else ``default_cost``.
+        default_cost: See ``default_token_estimate``.
+        max_batch_size: As [DynamicBatcher][]; so are all the rest.
+        min_batch_size: As [DynamicBatcher][].
+        batch_timeout_s: As [DynamicBatcher][].
+        max_queue_size: As [DynamicBatcher][].
+        prefetch_batches: As [DynamicBatcher][].
+        dispatch: As [DynamicBatcher][].
+        max_concurrent_batches: As [DynamicBatcher][].
+        request_timeout_s: As [DynamicBatcher][].
+        batch_cost: As [DynamicBatcher][].
+        grouping: As [DynamicBatcher][].
+        priority_aging_s: As [DynamicBatcher][].
+        on_batch: As [DynamicBatcher][].
 
-        Raises:
-            TypeError: Neither ``inference_fn`` nor ``process_fn`` was given, or as
-                [DynamicBatcher][].
+    Raises:
+        TypeError: Neither ``inference_fn`` nor ``process_fn`` was given, or as
+            [DynamicBatcher][].
 
-        Examples:
-            >>> import asyncio
-            >>> from tokenbatcher import Prompt, TokenBatcher
-            >>> async def embed(batch: list[Prompt]) -> list[int]:
-            ...     return [len(p.text) for p in batch]
-            >>> async def main() -> int:
-            ...     async with TokenBatcher(inference_fn=embed, target_batch_tokens=1_000) as batcher:
-            ...         future = await batcher.submit(Prompt("hello"))
-            ...         return await future
-            >>> asyncio.run(main())
-            5
+    Examples:
+        >>> import asyncio
+        >>> from tokenbatcher import Prompt, TokenBatcher
+        >>> async def embed(batch: list[Prompt]) -> list[int]:
+        ...     return [len(p.text) for p in batch]
+        >>> async def main() -> int:
+        ...     async with TokenBatcher(inference_fn=embed, target_batch_tokens=1_000) as batcher:
+        ...         future = await batcher.submit(Prompt("hello"))
+        ...         return await future
+        >>> asyncio.run(main())
+        5
     """
 
     _estimator_name = "token_estimator"
