@@ -413,3 +413,25 @@ def test_a_batcher_used_from_a_second_event_loop_says_what_happened() -> None:
     loop.run_until_complete(asyncio.sleep(0))
     loop.close()
     run_virtual(second())
+
+
+@pytest.mark.asyncio
+async def test_submit_batch_is_all_or_nothing_when_cancelled_waiting_for_room() -> None:
+    seen: list[int] = []
+
+    async def spy(batch: list[int]) -> list[int]:
+        seen.extend(batch)
+        await asyncio.sleep(1.0)
+        return batch
+
+    async with DynamicBatcher(spy, max_queue_size=2, max_batch_size=1, dispatch="eager") as batcher:
+        first = await batcher.submit(0)  # in process_fn until t=1
+        await asyncio.sleep(0.1)
+        pending = asyncio.create_task(batcher.submit_batch([10, 11, 12, 13]))
+        await asyncio.sleep(0.1)  # 10 and 11 queued; waiting for room for 12
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        assert await first == 0
+    assert seen == [0]  # 10 and 11 were cancelled, never processed
+    assert batcher.stats.total_cancelled == 2

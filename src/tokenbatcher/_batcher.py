@@ -144,9 +144,11 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             costs); the budget bounds this.
         grouping: ``"fifo"``, or ``"similar_cost"`` to build each batch from the
             oldest record plus the queued records closest to it in cost.
-        priority_aging_s: Seconds one priority step is worth: a record is never
-            overtaken by one submitted more than ``(its priority - the other's)
-            * priority_aging_s`` seconds after it.
+        priority_aging_s: Seconds one priority step is worth: with
+            ``grouping="fifo"``, a record is never overtaken by one submitted
+            more than ``(its priority - the other's) * priority_aging_s``
+            seconds after it.  (``"similar_cost"`` reorders by design; its own
+            bound is that every batch takes the record at the head.)
         on_batch: Called with a [BatchInfo][] after each batch; its
             exceptions are logged and otherwise ignored.
 
@@ -493,8 +495,9 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             timeout_s: A deadline in seconds (default ``request_timeout_s``): if
                 the record is still queued then, it is never processed and its
                 future fails with ``TimeoutError``.
-            priority: A lower value is dispatched first; FIFO within a priority;
-                aged by ``priority_aging_s`` so no record starves.
+            priority: A lower value is dispatched first; with ``grouping="fifo"``,
+                FIFO within a priority; aged by ``priority_aging_s`` so no
+                record starves.
 
         Returns:
             A future resolving to this record's entry of ``process_fn``'s result.
@@ -568,8 +571,12 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         Raises:
             ValueError: ``estimated_cost`` has another length than ``records``;
                 nothing was queued.
-            RuntimeError: As [submit][]; if ``stop()`` begins while this waits
-                for room, the records queued so far are still processed.
+            RuntimeError: As [submit][].
+
+        All or nothing: if this raises or is cancelled while it waits for room
+        (``stop()`` began, say), the futures of the records it had already
+        queued are cancelled, so none of them is processed for a caller that
+        never received their futures.
         """
         if estimated_cost is not None and len(estimated_cost) != len(records):
             raise ValueError(
@@ -581,10 +588,15 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         costs = [self._cost(record, cost) for record, cost in zip(records, explicit, strict=True)]
         deadline = self._check_request(timeout_s, priority)
         futures: list[asyncio.Future[ResultT]] = []
-        for record, cost in zip(records, costs, strict=True):
-            if self._pending.size >= self._max_queue_size:
-                await self._wait_for_room()
-            futures.append(self._enqueue(record, cost, deadline, priority))
+        try:
+            for record, cost in zip(records, costs, strict=True):
+                if self._pending.size >= self._max_queue_size:
+                    await self._wait_for_room()
+                futures.append(self._enqueue(record, cost, deadline, priority))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
         return futures
 
     def submit_threadsafe(

@@ -1,0 +1,566 @@
+"""A state machine that interleaves everything a batcher can meet, on a virtual clock.
+
+Rules submit records (``submit``, ``submit_nowait``), cancel futures, let virtual
+time pass, make the next batches misbehave (raise, raise before returning an
+awaitable, raise ``CancelledError``, hang until released, hang for good, return
+too few results or a non-list), stop (gracefully, with a timeout, racing a
+submit, or by cancelling the task that calls ``stop``) and start again.
+
+After every step the invariants check every future against what happened to
+its record, and the stats against the futures:
+
+* a future is cancelled only by the test, and a result is always its own record's;
+* an exception matches what ``process_fn`` did to the record's batch, or is the
+  ``TimeoutError`` of an expired record that never reached ``process_fn``, or the
+  ``BatcherStoppedError`` of a stop that gave up (timeout, or cancelled ``stop``);
+* a record reaches ``process_fn`` at most once, while its future is pending, and
+  before its deadline;
+* ``total_completed``/``failed``/``cancelled``/``expired``/``pending``/``rejected``
+  equal the futures' states, and they add up to ``total_submitted``;
+* the queue never holds more than ``max_queue_size`` records;
+* no internal loop of the batcher fails, and the event loop reports no stray exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from conftest import VirtualClockLoop
+from tokenbatcher import BatchAbortedError, BatcherStoppedError, DynamicBatcher, QueueFullError
+
+EPS = 1e-6
+QUARTERS = st.integers(0, 12).map(lambda k: k * 0.25)
+TIMEOUTS = st.none() | st.integers(1, 12).map(lambda k: k * 0.25)
+HANGS = ("hang", "hang_forever")
+MODES = ("ok", "raise", "raise_sync", "cancel", "hang", "hang_forever", "wrong_len", "non_list")
+
+
+@dataclass
+class Rec:
+    rid: int
+    cost: int
+    t_submit: float
+    deadline: float | None
+    future: asyncio.Future[Any]
+    cancelled_by_test: bool = False
+    batch: int | None = None  # index into machine.batches
+    done_at: float | None = None
+    done_in: str | None = None  # the rule during which the future became done
+
+
+@dataclass
+class Batch:
+    rids: list[int]
+    mode: str
+    at: float
+    error: BaseException | None = None  # what process_fn raised, for "raise" modes
+    gate: asyncio.Future[None] | None = None  # "hang": released by the test
+    released: bool = False
+    alive: bool = True  # process_fn has not returned (or been cancelled) yet
+
+
+@dataclass(frozen=True)
+class Box:
+    """A record as process_fn sees it."""
+
+    rid: int
+
+
+class _LoopFailures(logging.Handler):
+    """Collects the batcher's "an internal loop failed" log records (failed batches are logged too)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "internal loop" in record.getMessage():
+            self.records.append(record)
+
+
+class BatcherMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = VirtualClockLoop()
+        self.loop_errors: list[dict[str, Any]] = []
+        self.loop.set_exception_handler(lambda _loop, context: self.loop_errors.append(context))
+        self.errors = _LoopFailures()
+        logging.getLogger("tokenbatcher").addHandler(self.errors)
+        self.batcher: DynamicBatcher[Box, Any] | None = None
+        self.config: dict[str, Any] = {}
+        self.recs: dict[int, Rec] = {}
+        self.batches: list[Batch] = []
+        self.modes: deque[tuple[str, float]] = deque()
+        self.proc_time = 0.0
+        self.running = False
+        self.rejected = 0
+        self.step = "init"
+        self.problems: list[str] = []
+        self.next_id = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def process_fn(self, items: list[Box]) -> Any:
+        """Called by the batcher at the moment it hands a batch over."""
+        mode, duration = self.modes.popleft() if self.modes else ("ok", self.proc_time)
+        index = len(self.batches)
+        batch = Batch([it.rid for it in items], mode, self.now())
+        self.batches.append(batch)
+        for it in items:
+            rec = self.recs.get(it.rid)
+            if rec is None:
+                self.problems.append(f"process_fn got record {it.rid} that submit never returned")
+                continue
+            if rec.batch is not None:
+                self.problems.append(f"record {it.rid} handed to process_fn twice (batches {rec.batch}, {index})")
+            rec.batch = index
+            if rec.future.done():
+                self.problems.append(f"record {it.rid} handed to process_fn with a done future {rec.future!r}")
+            if rec.deadline is not None and self.now() > rec.deadline + EPS:
+                self.problems.append(f"record {it.rid} handed over at {self.now()} after its deadline {rec.deadline}")
+        costs = [self.recs[it.rid].cost for it in items if it.rid in self.recs]
+        counted = len(costs) * max(costs) if self.config["batch_cost"] == "padded" else sum(costs)
+        if len(items) > 1 and counted > self.config["target_batch_cost"]:
+            self.problems.append(f"batch {index} costs {counted} ({costs}), over the budget")
+        if not 1 <= len(items) <= self.config["max_batch_size"]:
+            self.problems.append(f"batch {index} holds {len(items)} records")
+        if mode == "raise_sync":
+            batch.error = ValueError(f"raise_sync on batch {index}")
+            raise batch.error
+        if mode == "raise":
+            batch.error = ValueError(f"raise on batch {index}")
+        if mode in HANGS:
+            batch.gate = self.loop.create_future()
+        return self.work(batch, items, duration)
+
+    async def work(self, batch: Batch, items: list[Box], duration: float) -> Any:
+        try:
+            return await self.misbehave(batch, items, duration)
+        finally:
+            batch.alive = False
+
+    async def misbehave(self, batch: Batch, items: list[Box], duration: float) -> Any:
+        await asyncio.sleep(duration)
+        results = [("result", it.rid) for it in items]
+        if batch.mode == "raise":
+            assert batch.error is not None
+            raise batch.error
+        if batch.mode == "cancel":
+            raise asyncio.CancelledError
+        if batch.mode == "wrong_len":
+            return results[:-1]
+        if batch.mode == "non_list":
+            return {"results": results}
+        if batch.mode in HANGS:
+            assert batch.gate is not None
+            await batch.gate  # "hang_forever": nobody resolves it
+        return results
+
+    def accept(self, item: Box, cost: int, timeout_s: float | None, future: asyncio.Future[Any]) -> None:
+        timeout = timeout_s if timeout_s is not None else self.config["request_timeout_s"]
+        now = self.now()
+        self.recs[item.rid] = Rec(item.rid, cost, now, None if timeout is None else now + timeout, future)
+
+        def done(_f: asyncio.Future[Any], rec: Rec = self.recs[item.rid]) -> None:
+            if rec.done_at is not None:
+                self.problems.append(f"record {rec.rid}'s future completed twice")
+            rec.done_at = self.now()
+
+        future.add_done_callback(done)
+
+    async def submit_and_record(
+        self, b: DynamicBatcher[Box, Any], item: Box, cost: int, timeout_s: float | None, priority: int
+    ) -> None:
+        future = await b.submit(item, estimated_cost=cost, timeout_s=timeout_s, priority=priority)
+        self.accept(item, cost, timeout_s, future)  # no suspension since the batcher accepted it
+
+    def fresh(self) -> Box:
+        self.next_id += 1
+        return Box(self.next_id)
+
+    def queue_full(self) -> bool:
+        assert self.batcher is not None
+        return self.batcher.stats.queue_depth >= self.config["max_queue_size"]
+
+    # ------------------------------------------------------------------ setup
+
+    @initialize(
+        dispatch=st.sampled_from(["window", "eager"]),
+        batch_cost=st.sampled_from(["sum", "padded"]),
+        grouping=st.sampled_from(["fifo", "similar_cost"]),
+        slots=st.integers(1, 3),
+        budget=st.integers(1, 10),
+        sizes=st.tuples(st.integers(1, 5), st.integers(1, 5)).map(sorted),
+        batch_timeout_s=st.sampled_from([0.0, 0.25, 1.0]),
+        max_queue_size=st.sampled_from([1, 2, 4, 8, 1000]),
+        prefetch=st.integers(1, 3),
+        request_timeout_s=TIMEOUTS,
+        aging=st.sampled_from([0.0, 0.5, 1.0]),
+        proc_time=QUARTERS,
+    )
+    def setup(
+        self,
+        dispatch: str,
+        batch_cost: str,
+        grouping: str,
+        slots: int,
+        budget: int,
+        sizes: list[int],
+        batch_timeout_s: float,
+        max_queue_size: int,
+        prefetch: int,
+        request_timeout_s: float | None,
+        aging: float,
+        proc_time: float,
+    ) -> None:
+        self.config = {
+            "dispatch": dispatch,
+            "batch_cost": batch_cost,
+            "grouping": grouping,
+            "max_concurrent_batches": slots,
+            "target_batch_cost": budget,
+            "min_batch_size": sizes[0],
+            "max_batch_size": sizes[1],
+            "batch_timeout_s": batch_timeout_s,
+            "max_queue_size": max_queue_size,
+            "prefetch_batches": prefetch,
+            "request_timeout_s": request_timeout_s,
+            "priority_aging_s": aging,
+        }
+        self.proc_time = proc_time
+        self.batcher = DynamicBatcher(self.process_fn, **self.config)
+        self.run(self.batcher.start())
+        self.running = True
+
+    # ------------------------------------------------------------------ rules
+
+    @rule(
+        cost=st.integers(0, 12),
+        timeout_s=TIMEOUTS,
+        priority=st.integers(-2, 2),
+        wait=st.sampled_from([0.0, 0.25, 1.0]),
+    )
+    def submit(self, cost: int, timeout_s: float | None, priority: int, wait: float) -> None:
+        self.step = "submit"
+        b = self.batcher
+        assert b is not None
+        item = self.fresh()
+        if not self.running:
+            with pytest.raises(RuntimeError, match="not running"):
+                self.run(b.submit(item, estimated_cost=cost, timeout_s=timeout_s, priority=priority))
+            return
+        full_before = self.queue_full()
+
+        async def go() -> bool:
+            try:
+                await asyncio.wait_for(self.submit_and_record(b, item, cost, timeout_s, priority), wait or None)
+            except TimeoutError:
+                return False
+            return True
+
+        if wait == 0.0 and full_before:
+            return  # it could wait forever (a hung process_fn); submit_nowait covers this case
+        if not self.run(go()):
+            assert full_before, "submit waited although the queue had room"
+            assert item.rid not in self.recs, "submit timed out, yet the record was accepted"
+
+    @rule(cost=st.integers(0, 12), timeout_s=TIMEOUTS, priority=st.integers(-2, 2))
+    def submit_nowait(self, cost: int, timeout_s: float | None, priority: int) -> None:
+        self.step = "submit_nowait"
+        b = self.batcher
+        assert b is not None
+        item = self.fresh()
+
+        async def go() -> None:
+            if not self.running:
+                with pytest.raises(RuntimeError, match="not running"):
+                    b.submit_nowait(item, estimated_cost=cost, timeout_s=timeout_s, priority=priority)
+                return
+            full_before = self.queue_full()
+            try:
+                future = b.submit_nowait(item, estimated_cost=cost, timeout_s=timeout_s, priority=priority)
+            except QueueFullError:
+                assert full_before, "QueueFullError although the queue had room"
+                self.rejected += 1
+                return
+            self.accept(item, cost, timeout_s, future)
+
+        self.run(go())
+
+    @rule(costs=st.lists(st.integers(0, 12), min_size=1, max_size=6), timeout_s=TIMEOUTS)
+    def submit_several_nowait(self, costs: list[int], timeout_s: float | None) -> None:
+        for cost in costs:
+            self.submit_nowait(cost, timeout_s, 0)
+
+    @rule(data=st.data())
+    def cancel_a_future(self, data: st.DataObject) -> None:
+        self.step = "cancel"
+        undone = [rec for rec in self.recs.values() if not rec.future.done()]
+        if not undone:
+            return
+        rec = data.draw(st.sampled_from(undone))
+        assert rec.future.cancel()
+        rec.cancelled_by_test = True
+        if data.draw(st.booleans()):
+            self.run(asyncio.sleep(0))
+
+    @rule(dt=QUARTERS)
+    def advance(self, dt: float) -> None:
+        self.step = "advance"
+        self.run(asyncio.sleep(dt))
+
+    @rule()
+    def advance_a_lot(self) -> None:
+        self.step = "advance"
+        self.run(asyncio.sleep(10.0))
+
+    @rule(modes=st.lists(st.tuples(st.sampled_from(MODES), QUARTERS), min_size=1, max_size=3))
+    def next_batches_misbehave(self, modes: list[tuple[str, float]]) -> None:
+        self.step = "misbehave"
+        self.modes.extend(modes)
+
+    @rule()
+    def release_hangs(self) -> None:
+        self.step = "release"
+        for batch in self.batches:
+            if batch.mode == "hang" and batch.gate is not None and not batch.gate.done():
+                batch.gate.set_result(None)
+                batch.released = True
+        self.run(asyncio.sleep(0))
+
+    def can_drain(self) -> bool:
+        """Whether a stop() without a timeout can finish (no process_fn hangs for good)."""
+        hung = any(b.alive and b.mode in HANGS and not b.released for b in self.batches)
+        return not hung and not any(mode in HANGS for mode, _ in self.modes)
+
+    @precondition(lambda self: self.running and self.can_drain())
+    @rule()
+    def stop(self) -> None:
+        self.step = "stop"
+        assert self.batcher is not None
+        self.run(self.batcher.stop())
+        self.after_stop()
+
+    @rule(timeout=st.sampled_from([0.0, 0.25, 1.0, 10.0]))
+    def stop_with_timeout(self, timeout: float) -> None:
+        self.step = "stop_timeout"
+        assert self.batcher is not None
+        self.run(self.batcher.stop(timeout=timeout))
+        self.after_stop()
+
+    @precondition(lambda self: self.running)
+    @rule(timeout=QUARTERS)
+    def stop_while_submitting(self, timeout: float) -> None:
+        """From the moment stop() begins, submit and submit_nowait refuse, and a
+        producer waiting for room in a full queue is released with RuntimeError."""
+        self.step = "stop_timeout"
+        b = self.batcher
+        assert b is not None
+
+        async def go() -> None:
+            blocked = None
+            if self.queue_full():
+                blocked = asyncio.ensure_future(self.submit_and_record(b, self.fresh(), 1, None, 0))
+                await asyncio.sleep(0)
+            stopping = asyncio.ensure_future(b.stop(timeout=timeout))
+            await asyncio.sleep(0)
+            if not stopping.done():
+                assert b.is_running
+            with pytest.raises(RuntimeError, match="not running"):
+                await b.submit(self.fresh())
+            with pytest.raises(RuntimeError, match="not running"):
+                b.submit_nowait(self.fresh())
+            await stopping
+            if blocked is not None:
+                (outcome,) = await asyncio.gather(blocked, return_exceptions=True)
+                if isinstance(outcome, BaseException):  # else it found room before stop() began
+                    assert isinstance(outcome, RuntimeError), repr(outcome)
+                    assert "not running" in str(outcome)
+                    event("stop() released a producer waiting for room")
+
+        self.run(go())
+        self.after_stop()
+
+    @precondition(lambda self: self.running)
+    @rule(after=QUARTERS)
+    def cancel_the_task_calling_stop(self, after: float) -> None:
+        self.step = "stop_cancelled"
+        b = self.batcher
+        assert b is not None
+
+        async def go() -> None:
+            stopping = asyncio.ensure_future(b.stop())
+            await asyncio.sleep(after)
+            if not stopping.done():
+                stopping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopping
+
+        self.run(go())
+        self.after_stop()
+
+    def after_stop(self) -> None:
+        assert self.batcher is not None
+        self.running = False
+        assert not self.batcher.is_running
+        for batch in self.batches:  # drained, or their process_fn calls were cancelled
+            batch.alive = False
+        undone = [rec.rid for rec in self.recs.values() if not rec.future.done()]
+        assert not undone, f"stop() returned with unresolved futures: {undone}"
+        stats = self.batcher.stats
+        assert stats.pending == 0, stats
+        assert stats.queue_depth == 0, stats
+
+    @rule()
+    def start(self) -> None:
+        self.step = "start"
+        assert self.batcher is not None
+        if self.running:
+            with pytest.raises(RuntimeError, match="already running"):
+                self.run(self.batcher.start())
+            return
+        self.run(self.batcher.start())
+        self.running = True
+        assert self.batcher.is_running
+
+    # ------------------------------------------------------------------ invariants
+
+    @invariant()
+    def no_problems(self) -> None:
+        assert not self.problems, self.problems[:5]
+        assert not self.errors.records, [r.getMessage() for r in self.errors.records[:3]]
+        assert not self.loop_errors, self.loop_errors[:3]
+
+    @invariant()
+    def every_future_matches_what_happened_to_its_record(self) -> None:
+        for rec in self.recs.values():
+            fut = rec.future
+            if not fut.done():
+                continue
+            if rec.done_in is None:
+                rec.done_in = self.step
+            batch = self.batches[rec.batch] if rec.batch is not None else None
+            where = f"record {rec.rid} (batch {batch}, deadline {rec.deadline}, done in {rec.done_in})"
+            if fut.cancelled():
+                assert rec.cancelled_by_test, f"{where}: cancelled, but not by its caller"
+                continue
+            exc = fut.exception()
+            if exc is None:
+                assert fut.result() == ("result", rec.rid), f"{where}: got {fut.result()!r}"
+                assert batch is not None, f"{where}: got a result without reaching process_fn"
+                assert batch.mode in ("ok", "hang"), f"{where}: got a result"
+                assert batch.mode == "ok" or batch.released, f"{where}: a hung batch delivered"
+            elif isinstance(exc, BatcherStoppedError):
+                assert rec.done_in in ("stop_timeout", "stop_cancelled"), f"{where}: {exc!r}"
+            elif isinstance(exc, TimeoutError):
+                assert batch is None, f"{where}: handed to process_fn, yet expired"
+                assert rec.deadline is not None, f"{where}: expired without a deadline"
+                assert rec.done_at == pytest.approx(rec.deadline, abs=EPS), f"{where}: expired at {rec.done_at}"
+            else:
+                assert batch is not None, f"{where}: never handed to process_fn, yet {exc!r}"
+                if batch.mode in ("raise", "raise_sync"):
+                    assert exc is batch.error, f"{where}: {exc!r}"
+                elif batch.mode == "cancel":
+                    assert isinstance(exc, BatchAbortedError), f"{where}: {exc!r}"
+                elif batch.mode == "wrong_len":
+                    n = len(batch.rids)
+                    assert isinstance(exc, ValueError), f"{where}: {exc!r}"
+                    assert f"process_fn returned {n - 1} results for batch of {n} records" in str(exc)
+                elif batch.mode == "non_list":
+                    assert isinstance(exc, TypeError), f"{where}: {exc!r}"
+                else:
+                    raise AssertionError(f"{where}: unexpected {exc!r}")
+
+    @invariant()
+    def stats_account_for_every_future(self) -> None:
+        if self.batcher is None:
+            return
+        stats = self.batcher.stats
+        futures = [rec.future for rec in self.recs.values()]
+        cancelled = sum(1 for f in futures if f.cancelled())
+        done = [f for f in futures if f.done() and not f.cancelled()]
+        completed = sum(1 for f in done if f.exception() is None)
+        expired = sum(1 for f in done if isinstance(f.exception(), TimeoutError))
+        failed = len(done) - completed - expired
+        pending = sum(1 for f in futures if not f.done())
+        got = (
+            stats.total_submitted,
+            stats.total_completed,
+            stats.total_failed,
+            stats.total_cancelled,
+            stats.total_expired,
+            stats.pending,
+            stats.total_rejected,
+        )
+        want = (len(futures), completed, failed, cancelled, expired, pending, self.rejected)
+        assert got == want, f"(submitted, completed, failed, cancelled, expired, pending, rejected): {got} != {want}"
+        assert stats.total_submitted == (
+            stats.total_completed + stats.total_failed + stats.total_cancelled + stats.total_expired + stats.pending
+        )
+        assert stats.total_batches == len(self.batches), stats
+        assert stats.queue_depth <= self.config["max_queue_size"], stats
+
+    def outcomes(self) -> set[str]:
+        kinds = set()
+        for rec in self.recs.values():
+            mode = self.batches[rec.batch].mode if rec.batch is not None else "never handed over"
+            if rec.future.cancelled():
+                kinds.add(f"cancelled ({'in process_fn' if rec.batch is not None else 'queued'})")
+            elif rec.future.exception() is None:
+                kinds.add(f"result ({mode})")
+            else:
+                kinds.add(f"{type(rec.future.exception()).__name__} ({mode})")
+        return kinds
+
+    # ------------------------------------------------------------------ teardown
+
+    def teardown(self) -> None:
+        loop = self.loop
+        try:
+            if self.batcher is not None and not loop.is_closed():
+                self.step = "stop_timeout"
+                self.run(self.batcher.stop(timeout=5.0))
+                self.every_future_matches_what_happened_to_its_record()
+                self.stats_account_for_every_future()
+                assert all(rec.future.done() for rec in self.recs.values())
+                for kind in sorted(self.outcomes()):
+                    event(f"outcome: {kind}")  # shown by --hypothesis-show-statistics
+                assert self.batcher.stats.pending == 0
+                self.no_problems()
+        finally:
+            logging.getLogger("tokenbatcher").removeHandler(self.errors)
+            leftovers = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in leftovers:
+                task.cancel()
+            if leftovers:
+                loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+BatcherMachine.TestCase.settings = settings(
+    max_examples=300,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+test_batcher_state_machine = BatcherMachine.TestCase
+# Passing takes ~20 s; a failure's shrinking can take minutes, and the 60 s default
+# timeout would cut it off before Hypothesis prints the minimal failing sequence.
+test_batcher_state_machine.pytestmark = [pytest.mark.timeout(400)]
