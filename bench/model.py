@@ -46,7 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
+import importlib
 import json
 import os
 import platform
@@ -84,13 +84,8 @@ TOLERANCE = 1e-4
 
 def load_example() -> ModuleType:
     """examples/embed_minilm.py, imported as a module (it holds the model code)."""
-    spec = importlib.util.spec_from_file_location("embed_minilm", EXAMPLE)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(EXAMPLE.parent))
+    return importlib.import_module(EXAMPLE.stem)
 
 
 def flyte_token_batcher() -> tuple[Any, str | None]:

@@ -13,8 +13,12 @@ Tests that need real threads mark themselves ``@pytest.mark.real_clock``.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import selectors
+import sys
 from collections.abc import Coroutine
+from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
@@ -69,6 +73,21 @@ def run_virtual(coro: Coroutine[Any, Any, T]) -> T:
         return result
     finally:
         loop.close()
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(filename: str) -> ModuleType:
+    """Import ``examples/<filename>`` as a module, so tests can call its functions."""
+    path = EXAMPLES / filename
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look the module up here
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -7,7 +7,6 @@ tests: the virtual clock of the other tests is not involved.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from conftest import EXAMPLES, load_example
 
 with warnings.catch_warnings():
     # flyte.io's pydantic models still use a class-based `config` (flyte 2.12.1).
@@ -29,18 +30,12 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Support for class-based:DeprecationWarning"),
 ]
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flyte_reusable.py"
+EXAMPLE = EXAMPLES / "flyte_reusable.py"
 
 
 @pytest.fixture(scope="module")
 def example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("flyte_reusable", EXAMPLE)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("flyte_reusable.py")
 
 
 def test_invocations_share_one_batcher_and_mix_in_batches(example: ModuleType) -> None:

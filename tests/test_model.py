@@ -9,15 +9,14 @@ seconds, the tests themselves a few more.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
-import sys
 import warnings
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+
+from conftest import load_example
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,7 +29,6 @@ from tokenbatcher import TokenBatcher  # noqa: E402  (after the skips)
 
 pytestmark = [pytest.mark.real_clock, pytest.mark.timeout(120)]
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "embed_minilm.py"
 LENGTHS = [3, 256, 5, 200, 9, 130, 14, 90, 20, 64, 33, 250, 4, 48, 7, 160]
 """Token counts of the test texts ([CLS]/[SEP] included): short and long mixed."""
 BUDGET = 1_024
@@ -40,13 +38,7 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("embed_minilm", EXAMPLE)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example("embed_minilm.py")
 
 
 @pytest.fixture(scope="module")

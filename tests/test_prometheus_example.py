@@ -7,15 +7,13 @@ load runs on the virtual clock; scrapes from other threads use the real one.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 import typing
 import urllib.request
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+
+from conftest import load_example
 
 prometheus_client = pytest.importorskip("prometheus_client")
 
@@ -23,20 +21,8 @@ from tokenbatcher import BatchStats, DispatchReason, Prompt, TokenBatcher  # noq
 
 pytestmark = pytest.mark.timeout(60)
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "prometheus_exporter.py"
 
-
-def _load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("prometheus_exporter", EXAMPLE)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ex = _load_example()
+ex = load_example("prometheus_exporter.py")
 
 
 def sample(registry: Any, name: str, **labels: str) -> float:
