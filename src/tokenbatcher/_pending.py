@@ -108,9 +108,6 @@ class Pending:
         if not self.full:
             self._grow(rec.cost)
 
-    def _resize(self) -> None:
-        self.size = len(self._fifo) if self._heap is None else len(self._heap)
-
     def _grow(self, cost: int) -> None:
         n = self._fill_n + 1
         largest = cost if cost > self._fill_max else self._fill_max
@@ -125,7 +122,7 @@ class Pending:
 
     def _refill(self) -> None:
         """Measure the next batch from scratch, after records were removed."""
-        self._resize()
+        self.size = len(self._fifo) if self._heap is None else len(self._heap)
         if not self._padded and self.size < self._max_size and self._total < self._budget:
             # Sum budget, and everything queued fits: no need to look at each record.
             self._fill_n, self._fill_total, self._fill_max = self.size, self._total, 0
