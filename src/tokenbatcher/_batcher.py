@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
-import itertools
 import logging
 import math
 import operator
@@ -28,6 +27,7 @@ from typing import Any, Generic, SupportsIndex
 
 from typing_extensions import Self
 
+from ._deadlines import Deadlines
 from ._errors import BatchAbortedError, BatcherStoppedError, QueueFullError
 from ._pending import Pending, Record, batch_cost
 from ._stats import BatchInfo, BatchStats, DispatchReason, Recorder
@@ -228,8 +228,8 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         self._wake_need = sys.maxsize  # wake arrival waiters once this many records are queued
         self._sealed_waiters: list[asyncio.Future[None]] = []
         self._room_waiters: deque[asyncio.Future[None]] = deque()
-        self._expired_queued = 0  # expired records still in the queue, at most
-        self._deadlines = False  # has any record had a deadline? (then timers need cancelling)
+        self._deadlines = Deadlines(self._expire)
+        self._hook = self._cancelled  # every record's cancel hook: one bound method for all
         self._aborting = False
         self._stop_reason = "the batcher's loops were cancelled (is the event loop shutting down?)"
         self._failure: BaseException | None = None
@@ -258,13 +258,9 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         moment it enters ``process_fn``.  Safe to read from another thread (a
         metrics scraper); the numbers are then as of a moment, not atomic.
         """
-        # list() copies a deque, heap or set in one step, so a running loop cannot mutate it under us
-        held = itertools.chain(list(self._pending), *(batch.records for batch in list(self._out)))
-        held_cancelled = sum(1 for rec in held if rec.future.cancelled())
         pending = self._pending
         return self._rec.snapshot(
             submitted=self._seq,
-            held_cancelled=held_cancelled,
             queue_depth=pending.size,
             peak_queue_depth=max(pending.peak, pending.size),
             in_flight=self._in_flight,
@@ -364,6 +360,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         self._stop_reason = reason
         for task in self._tasks:
             task.cancel()
+        self._deadlines.clear()
         self._fail(self._pending.clear())
         for batch in list(self._out):
             self._fail(batch.records)
@@ -387,12 +384,11 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
 
     def _fail(self, records: Sequence[Record[Any]]) -> None:
         """Fail every unresolved future among ``records`` with BatcherStoppedError."""
-        self._drop(records)
         for rec in records:
-            if not rec.future.done():
+            if not rec.done():
                 error = BatcherStoppedError(self._stop_reason)
                 error.__cause__ = self._failure
-                rec.future.set_exception(error)
+                rec.set_exception(error)
                 self._rec.failed += 1
 
     def _release_all_waiters(self) -> None:
@@ -462,18 +458,22 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
     def _enqueue(self, item: RecordT, cost: int, timeout_s: float | None, priority: int) -> asyncio.Future[ResultT]:
         loop = self._loop
         assert loop is not None
-        future: asyncio.Future[ResultT] = loop.create_future()
-        now = loop.time()
+        rec: Record[ResultT] = Record(loop=loop)
+        rec.item = item
+        rec.cost = cost
+        rec.t = now = loop.time()
+        rec.key = now + priority * self._aging_s if priority else now
         self._seq += 1
-        rec = Record(item, future, cost, now, now + priority * self._aging_s if priority else now, self._seq)
-        if timeout_s is not None:
-            self._deadlines = True
-            rec.timer = loop.call_at(now + timeout_s, self._expire, rec, timeout_s)
+        rec.seq = self._seq
+        rec.hook = self._hook
+        rec.waiting = True
         pending = self._pending
         pending.push(rec)
+        if timeout_s is not None:
+            self._deadlines.add(loop, rec, timeout_s, pending.size)
         if self._arrival_waiters and (pending.size >= self._wake_need or pending.full):
             self._wake_arrivals()
-        return future
+        return rec
 
     async def submit(
         self,
@@ -540,7 +540,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             self._refuse()
         cost = self._cost(record, estimated_cost)
         deadline = self._check_request(timeout_s, priority)
-        if self._pending.size >= self._max_queue_size and not self._make_room():
+        if self._pending.size >= self._max_queue_size:
             self._rec.rejected += 1
             raise QueueFullError(
                 f"{type(self).__name__} queue is full ({self._max_queue_size} records, max_queue_size); record rejected"
@@ -632,33 +632,25 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         return asyncio.run_coroutine_threadsafe(submit_and_wait(), loop)
 
     def _expire(self, rec: Record[Any], timeout_s: float) -> None:
-        rec.timer = None
-        if not rec.future.done():
-            rec.future.set_exception(
-                TimeoutError(f"record waited {timeout_s}s in the queue (timeout_s) and was not processed")
-            )
-            self._rec.expired += 1
-            self._expired_queued += 1
-            if self._room_waiters and self._make_room():
-                self._wake_room(self._max_queue_size - self._pending.size)
+        """A waiting record's deadline came: it fails with ``TimeoutError`` and frees its place."""
+        rec.set_exception(TimeoutError(f"record waited {timeout_s}s in the queue (timeout_s) and was not processed"))
+        self._rec.expired += 1
+        if rec.queued:  # else it is in a sealed batch, which drops it at dispatch
+            self._pending.forget(rec)
+            if self._room_waiters:
+                self._wake_room(1)
 
-    def _make_room(self) -> bool:
-        """Drop expired records from a full queue; True if that made room.
-
-        Records cancelled by their callers are dropped when a batch is next
-        taken; only expiry, which happens on a timer, triggers a sweep here.
-        """
-        if not self._expired_queued:
-            return False
-        self._expired_queued = 0
-        self._drop(self._pending.compact())
-        return self._pending.size < self._max_queue_size
+    def _cancelled(self, rec: Record[Any]) -> None:
+        """A caller cancelled its record's future: count it; if still queued, free its place."""
+        self._rec.cancelled += 1
+        if rec.queued:
+            self._pending.forget(rec)
+            if self._room_waiters:
+                self._wake_room(1)
 
     async def _wait_for_room(self) -> None:
         loop = self._loop
         assert loop is not None
-        if self._make_room():
-            return
         while self._pending.size >= self._max_queue_size:
             if self._state is not _RUNNING:
                 self._refuse()
@@ -689,20 +681,10 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
 
     # ------------------------------------------------------------------ forming batches
 
-    def _drop(self, records: Sequence[Record[Any]]) -> None:
-        """Let go of records: stop their deadline timers; count the ones their callers cancelled."""
-        for rec in records:
-            if rec.timer is not None:
-                rec.timer.cancel()
-                rec.timer = None
-            if rec.future.cancelled():
-                self._rec.cancelled += 1
-
     def _take(self, reason: DispatchReason) -> _Batch | None:
-        records, limit, dropped = self._pending.take()
-        self._drop(dropped)
+        records, limit = self._pending.take()
         if self._room_waiters:
-            self._wake_room(len(records) + len(dropped))
+            self._wake_room(len(records))
         if not records:
             return None
         batch = _Batch(records, limit or reason)
@@ -822,13 +804,12 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         assert loop is not None
         try:
             records = batch.records
-            live = [rec for rec in records if not rec.future.done()]
+            live = [rec for rec in records if not rec.done()]  # cancelled or expired while sealed
             dropped = len(records) - len(live)
             if dropped:
-                self._drop([rec for rec in records if rec.future.done()])
                 batch.records = live
-            if self._deadlines:  # dispatched records no longer expire
-                self._drop(live)
+            for rec in live:
+                rec.waiting = False  # dispatched: its deadline no longer applies
             if not live:
                 return
             rec_stats = self._rec
@@ -892,25 +873,19 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             return self._fail_with(
                 live, ValueError(f"process_fn returned {len(results)} results for batch of {len(live)} records")
             )
-        completed = cancelled = 0
+        completed = 0
         for rec, result in zip(live, results, strict=True):
-            future = rec.future
-            if future.done():
-                cancelled += 1
-            else:
-                future.set_result(result)
+            if not rec.done():  # else cancelled by its caller meanwhile (counted then)
+                rec.set_result(result)
                 completed += 1
         self._rec.completed += completed
-        self._rec.cancelled += cancelled
         return None
 
     def _fail_with(self, live: list[Record[Any]], error: BaseException) -> BaseException:
         logger.error("%s: batch of %d records failed: %r", type(self).__name__, len(live), error)
         for rec in live:
-            if rec.future.done():
-                self._rec.cancelled += 1
-            else:
-                rec.future.set_exception(error)
+            if not rec.done():
+                rec.set_exception(error)
                 self._rec.failed += 1
         return error
 

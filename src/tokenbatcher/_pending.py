@@ -1,51 +1,80 @@
 """How a batch is formed: the records waiting for a batch, and how one is taken.
 
-Records wait in submission order (a deque) until one with a non-zero priority
-arrives; from then until the queue empties they wait in a heap ordered by
-``(key, seq)`` where ``key = submit time + priority * priority_aging_s``.  A
-sorted deque is already a valid heap, so switching costs one list copy.
+Every accepted record is a [Record][], the future its caller awaits.  Queued
+records wait in dispatch order, ``(key, seq)`` where ``key = submit time +
+priority * priority_aging_s``: a deque while every record has priority 0, a
+heap from the first record that has another priority until the queue empties.
 
 A batch is taken from the head:
 
-* ``grouping="fifo"``: records in key order while the next one fits.
-* ``grouping="similar_cost"``: the head record, always, then the queued records
-  whose cost is closest to its cost (on a log scale) while they fit.  Because
-  every batch takes the head, a record with ``r`` live records ahead of it is
-  dispatched within ``r + 1`` batches -- the same bound as FIFO.
+* ``grouping="fifo"``: records in dispatch order while the next one fits.
+* ``grouping="similar_cost"``: the head record, always, then records from the
+  cost buckets nearest to its own, outward.  Buckets split costs on a log scale
+  (``BUCKETS_PER_OCTAVE`` to each doubling), and each bucket keeps its records
+  in dispatch order, so a batch costs O(batch + buckets) to form, whatever the
+  depth of the queue.  Because every batch takes the head, a record with ``r``
+  live records ahead of it is dispatched within ``r + 1`` batches, as in FIFO.
 
 "Fits" is the hard budget: the batch's cost (``sum`` of costs, or ``padded``:
 size times the largest cost) stays within ``budget`` and its size within
 ``max_size``; only a record that alone exceeds the budget is taken alone.
+
+A record whose future is cancelled or expires while queued is *forgotten* at
+once: it stops counting in ``size`` (so it frees its place in the queue), and
+its entry is skipped and discarded when it reaches the front of a structure.
+When stale entries outnumber the live ones, the structures are rebuilt, so
+memory stays proportional to the live records.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import math
 from collections import deque
-from collections.abc import Iterator
-from typing import Any, Generic, Literal, TypeAlias
+from collections.abc import Callable
+from typing import Any, Literal, TypeAlias
 
 from ._types import ResultT
 
+BUCKETS_PER_OCTAVE = 8
+"""``grouping="similar_cost"``: cost buckets per doubling of cost (each ~9% wide)."""
 
-class Record(Generic[ResultT]):
-    """One accepted record and the future its result goes to."""
+_SLACK = 1024  # stale entries tolerated before a rebuild, on top of one per live record
 
-    __slots__ = ("cost", "future", "item", "key", "seq", "t", "timer")
 
-    def __init__(self, item: Any, future: asyncio.Future[ResultT], cost: int, t: float, key: float, seq: int) -> None:
-        self.item = item
-        self.future = future
-        self.cost = cost
-        self.t = t
-        """Loop time at submit."""
-        self.key = key
-        """Dispatch order: ``t`` plus the priority's aging offset."""
-        self.seq = seq
-        self.timer: asyncio.TimerHandle | None = None
-        """The deadline's timer, while the record is queued with a deadline."""
+class Record(asyncio.Future[ResultT]):
+    """One accepted record: the future of its result, and what the queue needs to know.
+
+    A subclass of ``asyncio.Future`` rather than a pair of objects: one
+    allocation per record, and a cancel by the caller reaches the batcher at
+    once (see ``cancel``) without a done-callback on every future.
+    """
+
+    __slots__ = ("bucket", "cost", "hook", "item", "key", "queued", "seq", "t", "waiting")
+    item: Any
+    cost: int
+    t: float
+    """Loop time at submit."""
+    key: float
+    """Dispatch order: ``t`` plus the priority's aging offset."""
+    seq: int
+    """Tie-breaker: records accepted before this one."""
+    queued: bool
+    """True while the record waits in the queue (not in a batch, not forgotten)."""
+    waiting: bool
+    """True from submit until the record's batch is handed to ``process_fn``: its deadline applies."""
+    bucket: int
+    hook: Callable[[Record[Any]], object]
+    """Called once when the caller cancels this future."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        """Cancel the future, as ``asyncio.Future.cancel``, and tell the batcher."""
+        if not super().cancel(msg):
+            return False
+        self.hook(self)
+        return True
 
     def __lt__(self, other: Record[Any]) -> bool:
         return self.key < other.key or (self.key == other.key and self.seq < other.seq)
@@ -60,6 +89,47 @@ def batch_cost(size: int, total: int, largest: int, padded: bool) -> int:
     return size * largest if padded else total
 
 
+def _bucket(cost: int) -> int:
+    return int(math.log2(cost + 1) * BUCKETS_PER_OCTAVE)
+
+
+class _Lane:
+    """Records in dispatch order, with lazy removal: a deque, or a heap once priorities appear."""
+
+    __slots__ = ("heap", "items")
+
+    def __init__(self, heap: bool) -> None:
+        self.heap = heap
+        self.items: deque[Record[Any]] | list[Record[Any]] = [] if heap else deque()
+
+    def push(self, rec: Record[Any]) -> None:
+        if self.heap:
+            heapq.heappush(self.items, rec)  # type: ignore[arg-type]
+        else:
+            self.items.append(rec)
+
+    def to_heap(self) -> None:
+        self.items = list(self.items)  # sorted by (key, seq), hence a heap
+        self.heap = True
+
+    def front(self) -> Record[Any] | None:
+        """The first live record, after discarding stale entries in front of it."""
+        items = self.items
+        while items:
+            rec = items[0]
+            if rec.queued:
+                return rec
+            self.pop()
+        return None
+
+    def pop(self) -> Record[Any]:
+        items = self.items
+        return heapq.heappop(items) if self.heap else items.popleft()  # type: ignore[union-attr,arg-type]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class Pending:
     """The queue of records not yet in a batch."""
 
@@ -68,17 +138,21 @@ class Pending:
         self._max_size = max_size
         self._padded = padded
         self._similar = similar
-        self._fifo: deque[Record[Any]] = deque()
-        self._heap: list[Record[Any]] | None = None
+        self._order = _Lane(heap=False)
+        self._buckets: dict[int, _Lane] = {}
+        self._nonempty: list[int] = []  # sorted indices of buckets that hold entries
+        self._in_buckets = 0  # entries in all buckets, stale ones included
         # What the queued records would make as one batch, in queue order: lets
         # ``submit`` tell in O(1) whether a full batch is waiting.
-        self._fill_n = 0
+        self._fill_n = 0  # live records in the measured prefix
+        self._fill_phys = 0  # entries in the measured prefix, stale ones included
         self._fill_total = 0
         self._fill_max = 0
+        self._fill_stale = False  # a record was forgotten since the prefix was measured
         self.full = False
         """True when the queued records would fill a batch (budget or size)."""
         self.size = 0
-        """How many records are queued (``len()`` without a call, for the hot path)."""
+        """How many live records are queued (``len()`` without a call, for the hot path)."""
         self.peak = 0
         """The largest ``size`` so far, as of the last removal (the queue only shrinks there)."""
         self._total = 0  # the sum of the queued records' costs
@@ -86,27 +160,44 @@ class Pending:
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self) -> Iterator[Record[Any]]:
-        return iter(self._fifo if self._heap is None else self._heap)
-
-    def oldest_time(self) -> float:
-        """Submit time of the record at the head (the queue must not be empty)."""
-        return self._fifo[0].t if self._heap is None else self._heap[0].t
+    # ------------------------------------------------------------------ adding and forgetting
 
     def push(self, rec: Record[Any]) -> None:
-        """Queue a record (its ``key`` and ``seq`` already set)."""
+        """Queue a record (its ``key``, ``seq`` and ``cost`` already set)."""
         self.size += 1
         self._total += rec.cost
-        if self._heap is not None:
-            heapq.heappush(self._heap, rec)
-        elif rec.key == rec.t:
-            self._fifo.append(rec)
-        else:
-            self._heap = list(self._fifo)  # sorted by (key, seq), hence a heap
-            self._fifo.clear()
-            heapq.heappush(self._heap, rec)
+        rec.queued = True
+        order = self._order
+        if not order.heap and rec.key != rec.t:
+            order.to_heap()
+            for bucket in self._buckets.values():
+                bucket.to_heap()
+        order.push(rec)
+        if self._similar:
+            index = rec.bucket = _bucket(rec.cost)
+            lane = self._buckets.get(index)
+            if lane is None:
+                lane = self._buckets[index] = _Lane(order.heap)
+            if not len(lane):
+                bisect.insort(self._nonempty, index)
+            lane.push(rec)
+            self._in_buckets += 1
         if not self.full:
+            self._fill_phys += 1
             self._grow(rec.cost)
+
+    def forget(self, rec: Record[Any]) -> None:
+        """Stop counting a queued record whose future is done (cancelled, expired)."""
+        if not rec.queued:
+            return
+        rec.queued = False
+        self.size -= 1
+        self._total -= rec.cost
+        self._fill_stale = True
+        if not self.size:
+            self._reset()
+        elif len(self._order) + self._in_buckets > 4 * self.size + _SLACK:
+            self._rebuild()
 
     def _grow(self, cost: int) -> None:
         n = self._fill_n + 1
@@ -115,6 +206,7 @@ class Pending:
         counted = n * largest if self._padded else total  # batch_cost(), inline: once per record
         if counted > self._budget and self._fill_n:
             self.full = True  # this record would cross the budget: the batch is full
+            self._fill_phys -= 1  # and is not part of it
             return
         self._fill_n, self._fill_total, self._fill_max = n, total, largest
         if n >= self._max_size or counted >= self._budget:
@@ -122,156 +214,221 @@ class Pending:
 
     def _refill(self) -> None:
         """Measure the next batch from scratch, after records were removed."""
-        self.size = len(self._fifo) if self._heap is None else len(self._heap)
+        self._fill_stale = False
+        order = self._order.items
         if not self._padded and self.size < self._max_size and self._total < self._budget:
             # Sum budget, and everything queued fits: no need to look at each record.
-            self._fill_n, self._fill_total, self._fill_max = self.size, self._total, 0
+            self._fill_n, self._fill_phys, self._fill_total, self._fill_max = self.size, len(order), self._total, 0
             self.full = False
             return
-        self._fill_n = self._fill_total = self._fill_max = 0
+        self._fill_n = self._fill_phys = self._fill_total = self._fill_max = 0
         self.full = False
-        for rec in self:
-            self._grow(rec.cost)
-            if self.full:
-                break
+        for rec in order:  # in a heap, array order: an estimate, and cheap
+            self._fill_phys += 1
+            if rec.queued:
+                self._grow(rec.cost)
+                if self.full:
+                    break
 
-    def take(self) -> tuple[list[Record[Any]], Limit | None, list[Record[Any]]]:
-        """Remove and return ``(batch, limit, dropped)``.
+    def _reset(self) -> None:
+        self._order = _Lane(heap=False)
+        self._buckets.clear()
+        self._nonempty.clear()
+        self._in_buckets = 0
+        self._total = 0
+        self._refill()
+
+    def _rebuild(self) -> None:
+        """Drop every stale entry (amortized: it runs once per ``size`` forgotten records)."""
+        live = [rec for rec in self._order.items if rec.queued]
+        live.sort()
+        heap = self._order.heap
+        self._order = _Lane(heap)
+        self._order.items = live if heap else deque(live)
+        self._buckets.clear()
+        self._nonempty.clear()
+        self._in_buckets = 0
+        if self._similar:
+            for rec in live:  # in dispatch order, so each bucket stays sorted
+                lane = self._buckets.get(rec.bucket)
+                if lane is None:
+                    lane = self._buckets[rec.bucket] = _Lane(heap)
+                    self._nonempty.append(rec.bucket)
+                lane.items.append(rec)
+            self._nonempty.sort()
+            self._in_buckets = len(live)
+        self._refill()
+
+    # ------------------------------------------------------------------ reading
+
+    def oldest_time(self) -> float:
+        """Submit time of the live record at the head (the queue must not be empty)."""
+        head = self._order.front()
+        assert head is not None
+        return head.t
+
+    # ------------------------------------------------------------------ taking
+
+    def take(self) -> tuple[list[Record[Any]], Limit | None]:
+        """Remove and return ``(batch, limit)``: the next batch, and what closed it.
 
         ``limit`` is ``"budget"`` or ``"max_size"`` when that closed the batch,
-        else None.  ``dropped`` are records met on the way whose futures were
-        already done (cancelled by the caller, or expired); they are removed
-        and not part of the batch.
+        else None.  Every record of ``batch`` is live and no longer queued.
         """
         self.peak = max(self.peak, self.size)
-        if self._heap is None and not self._similar:
-            return self._take_prefix()
-        dropped: list[Record[Any]] = []
-        head = self._pop_live(dropped)
-        if head is None:
-            self._total = 0
-            self._refill()
-            return [], None, dropped
-        if self._similar:
-            batch, limit = self._take_similar(head, dropped)
+        if not self.size:
+            return [], None
+        if not self._order.heap and not self._similar:
+            if self._fill_stale:
+                self._refill()
+            batch, limit = self._take_prefix()
         else:
-            batch, limit = self._take_fifo(head, dropped)
-        if self._heap is not None and not self._heap:
-            self._heap = None
-        self._total -= sum(rec.cost for rec in batch) + sum(rec.cost for rec in dropped)
-        self._refill()
-        return batch, limit, dropped
+            head = self._order.front()
+            assert head is not None
+            self._order.pop()
+            if self._similar:
+                self._pop_from_bucket(head)
+                batch, limit = self._take_similar(head)
+            else:
+                batch, limit = self._take_fifo(head)
+        self.size -= len(batch)
+        self._total -= sum(rec.cost for rec in batch)
+        if not self.size:
+            self._reset()
+        else:
+            self._refill()
+        return batch, limit
 
-    def _take_prefix(self) -> tuple[list[Record[Any]], Limit | None, list[Record[Any]]]:
-        """FIFO without priorities: the batch is the prefix that ``push`` already measured.
-
-        Records whose futures are done are left in the batch, for the batcher
-        to drop before dispatch: that keeps this O(batch) with no per-record test.
-        """
-        fifo, n = self._fifo, self._fill_n
+    def _take_prefix(self) -> tuple[list[Record[Any]], Limit | None]:
+        """FIFO without priorities: the batch is the prefix that ``push`` already measured."""
+        fifo: deque[Record[Any]] = self._order.items  # type: ignore[assignment]
+        n = self._fill_phys
         if n >= len(fifo):
-            batch = list(fifo)
+            prefix = list(fifo)
             fifo.clear()
         else:
-            batch = [fifo.popleft() for _ in range(n)]
-        self._total -= self._fill_total  # the prefix's cost, measured as it grew
+            prefix = [fifo.popleft() for _ in range(n)]
+        batch = [rec for rec in prefix if rec.queued]
+        for rec in batch:
+            rec.queued = False
         limit: Limit | None = None
         if self.full:
-            limit = "max_size" if n >= self._max_size else "budget"
-        self._refill()
-        return batch, limit, []
+            limit = "max_size" if self._fill_n >= self._max_size else "budget"
+        return batch, limit
 
-    def _pop_live(self, dropped: list[Record[Any]]) -> Record[Any] | None:
-        while self._fifo if self._heap is None else self._heap:
-            rec = self._fifo.popleft() if self._heap is None else heapq.heappop(self._heap)
-            if not rec.future.done():
-                return rec
-            dropped.append(rec)
-        return None
-
-    def _take_fifo(self, head: Record[Any], dropped: list[Record[Any]]) -> tuple[list[Record[Any]], Limit | None]:
+    def _take_fifo(self, head: Record[Any]) -> tuple[list[Record[Any]], Limit | None]:
         budget, max_size, padded = self._budget, self._max_size, self._padded
         batch = [head]
+        head.queued = False
         n, total, largest = 1, head.cost, head.cost
         if batch_cost(1, total, largest, padded) >= budget:
             return batch, "budget"
-        fifo, heap = self._fifo, self._heap
+        order = self._order
         while n < max_size:
-            if heap is None:
-                if not fifo:
-                    return batch, None
-                rec = fifo[0]
-            else:
-                if not heap:
-                    return batch, None
-                rec = heap[0]
-            if rec.future.done():
-                dropped.append(fifo.popleft() if heap is None else heapq.heappop(heap))
-                continue
+            rec = order.front()
+            if rec is None:
+                return batch, None
             cost = rec.cost
             new_largest = cost if cost > largest else largest
             counted = (n + 1) * new_largest if padded else total + cost
             if counted > budget:
                 return batch, "budget"
-            batch.append(fifo.popleft() if heap is None else heapq.heappop(heap))
+            order.pop()
+            rec.queued = False
+            batch.append(rec)
             n, total, largest = n + 1, total + cost, new_largest
             if counted == budget:
                 return batch, "budget"
         return batch, "max_size"
 
-    def _take_similar(self, head: Record[Any], dropped: list[Record[Any]]) -> tuple[list[Record[Any]], Limit | None]:
-        budget, max_size, padded = self._budget, self._max_size, self._padded
-        rest = list(self)  # in heap mode not sorted; batch and queue are re-sorted below
-        anchor = math.log1p(head.cost)
-        closest_first = sorted(rest, key=lambda rec: (abs(math.log1p(rec.cost) - anchor), rec.key, rec.seq))
-        batch = [head]
-        total = largest = head.cost
-        full = batch_cost(1, total, largest, padded) >= budget
-        for rec in closest_first:
-            if full or len(batch) >= max_size:
-                break
-            if rec.future.done():
-                continue
-            new_largest = max(rec.cost, largest)
-            counted = batch_cost(len(batch) + 1, total + rec.cost, new_largest, padded)
-            if counted <= budget:  # else a record further on may still fit
-                batch.append(rec)
-                total, largest = total + rec.cost, new_largest
-                full = counted == budget
-        taken = {id(rec) for rec in batch}
-        keep = [rec for rec in rest if id(rec) not in taken and not rec.future.done()]
-        dropped.extend(rec for rec in rest if id(rec) not in taken and rec.future.done())
-        keep.sort()
-        if self._heap is None:
-            self._fifo = deque(keep)
-        else:
-            self._heap = keep  # sorted, hence a heap
-        batch.sort()
-        if len(batch) >= max_size:
-            return batch, "max_size"
-        return batch, "budget" if full or keep else None
+    def _pop_from_bucket(self, rec: Record[Any]) -> None:
+        """Remove ``rec``, the first live record of its bucket, from that bucket."""
+        rec.queued = False  # the bucket's front() now discards it with the stale entries before it
+        self._settle(rec.bucket, self._buckets[rec.bucket])
 
-    def compact(self) -> list[Record[Any]]:
-        """Remove and return every record whose future is already done."""
-        self.peak = max(self.peak, self.size)
-        done = [rec for rec in self if rec.future.done()]
-        if done:
-            live = [rec for rec in self if not rec.future.done()]
-            if self._heap is None:
-                self._fifo = deque(live)
+    def _bucket_front(self, lane: _Lane) -> Record[Any] | None:
+        before = len(lane)
+        rec = lane.front()
+        self._in_buckets -= before - len(lane)
+        return rec
+
+    def _settle(self, index: int, lane: _Lane) -> None:
+        """Discard stale entries at the bucket's front; unlist the bucket once it is empty."""
+        if self._bucket_front(lane) is None:
+            self._nonempty.pop(bisect.bisect_left(self._nonempty, index))
+
+    def _take_similar(self, head: Record[Any]) -> tuple[list[Record[Any]], Limit | None]:
+        """The head, then the nearest buckets outward, each in dispatch order."""
+        budget, max_size, padded = self._budget, self._max_size, self._padded
+        head.queued = False
+        batch = [head]
+        n, total, largest = 1, head.cost, head.cost
+        full = batch_cost(1, total, largest, padded) >= budget
+        nonempty = self._nonempty
+        anchor = math.log2(head.cost + 1)
+        right = bisect.bisect_left(nonempty, head.bucket)  # the head's bucket, if it has more
+        left = right - 1
+        while not full and n < max_size and (left >= 0 or right < len(nonempty)):
+            # The side whose next bucket is nearer on the log scale goes first.
+            if right >= len(nonempty):
+                go_right = False
+            elif left < 0:
+                go_right = True
             else:
-                heapq.heapify(live)
-                self._heap = live or None
-            self._total = sum(rec.cost for rec in live)
-            self._refill()
-        return done
+                go_right = nonempty[right] - head.bucket <= head.bucket - nonempty[left]
+                if nonempty[right] - head.bucket == head.bucket - nonempty[left]:
+                    r = self._bucket_front(self._buckets[nonempty[right]])
+                    lf = self._bucket_front(self._buckets[nonempty[left]])
+                    if r is not None and lf is not None:
+                        go_right = abs(math.log2(r.cost + 1) - anchor) <= abs(anchor - math.log2(lf.cost + 1))
+            index = nonempty[right] if go_right else nonempty[left]
+            lane = self._buckets[index]
+            blocked = False
+            cost = 0
+            while n < max_size:
+                rec = self._bucket_front(lane)
+                if rec is None:
+                    break
+                cost = rec.cost
+                new_largest = cost if cost > largest else largest
+                counted = (n + 1) * new_largest if padded else total + cost
+                if counted > budget:
+                    blocked = True
+                    # Padded, a record no larger than the largest adds ``largest``:
+                    # if it does not fit, nothing does.
+                    full = padded and cost <= largest
+                    break
+                lane.pop()
+                self._in_buckets -= 1
+                rec.queued = False
+                batch.append(rec)
+                n, total, largest = n + 1, total + cost, new_largest
+                if counted == budget:
+                    full = True
+                    break
+            before = len(nonempty)
+            self._settle(index, lane)
+            emptied = len(nonempty) < before
+            if go_right:
+                if blocked and cost >= head.cost:
+                    right = len(nonempty)  # costs only grow to the right: nothing more fits there
+                elif not emptied:
+                    right += 1
+            else:
+                if emptied:
+                    right -= 1
+                left -= 1
+        batch.sort()  # their entries in the dispatch order are now stale, and go lazily
+        if n >= max_size:
+            return batch, "max_size"
+        return batch, "budget" if full or self.size > n else None
 
     def clear(self) -> list[Record[Any]]:
-        """Remove and return every record."""
+        """Remove and return every queued record."""
         self.peak = max(self.peak, self.size)
-        everything = list(self)
-        self._fifo = deque()
-        self._heap = None
-        self._total = 0
-        self._refill()
+        everything = [rec for rec in self._order.items if rec.queued]
+        for rec in everything:
+            rec.queued = False
+        self.size = 0
+        self._reset()
         return everything

@@ -202,17 +202,10 @@ class Recorder:
         self.sizes.append(size)
         self.costs.append(counted_cost)
 
-    def snapshot(
-        self, *, submitted: int, held_cancelled: int, queue_depth: int, peak_queue_depth: int, in_flight: int
-    ) -> BatchStats:
-        """Freeze the counters, with the numbers the batcher keeps elsewhere.
-
-        ``held_cancelled`` counts records the batcher still holds (queued, sealed
-        or in flight) whose callers have already cancelled their futures; they are
-        counted as cancelled for good once the batcher lets go of them.
-        """
+    def snapshot(self, *, submitted: int, queue_depth: int, peak_queue_depth: int, in_flight: int) -> BatchStats:
+        """Freeze the counters, with the numbers the batcher keeps elsewhere."""
         n = self.batches
-        cancelled = self.cancelled + held_cancelled
+        cancelled = self.cancelled
         pending = submitted - self.completed - self.failed - cancelled - self.expired
         return BatchStats(
             total_submitted=submitted,
