@@ -22,7 +22,7 @@ import operator
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, SupportsIndex
 
 from typing_extensions import Self
@@ -837,44 +837,65 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
                 self._fail(batch.records)
 
     async def _call(self, live: list[Record[Any]]) -> BaseException | None:
-        """Run ``process_fn`` in a task of its own; resolve the futures; return the error."""
+        """Run ``process_fn`` in a task of its own (see ``_invoke``); return the batch's error."""
         loop = self._loop
         assert loop is not None
         try:
-            # typed Any: what process_fn really returns is checked below
-            task: asyncio.Future[Any] = asyncio.ensure_future(self._process_fn([rec.item for rec in live]), loop=loop)
-        except Exception as exc:  # process_fn raised before returning an awaitable
+            awaitable = self._process_fn([rec.item for rec in live])
+        except Exception as exc:  # a plain function raised before returning an awaitable
             return self._fail_with(live, exc)
-        task.add_done_callback(_consume)
+        # A task of its own, so that a process_fn that ignores cancellation cannot hold up stop().
+        finished: asyncio.Future[None] = loop.create_future()
+        task = loop.create_task(self._invoke(live, awaitable, finished))
         try:
-            # asyncio.wait never raises the task's CancelledError: only ours (stop).
-            await asyncio.wait((task,))
-        except asyncio.CancelledError:
+            await finished  # set by the task itself as it ends: one hop less than a done-callback
+        except asyncio.CancelledError:  # only ours (stop): nobody else sees ``finished``
+            task.add_done_callback(_consume)
             task.cancel()
             raise
+        if not task.done():  # finished is set in the task's last step
+            await asyncio.wait((task,))
         if task.cancelled():
             return self._fail_with(
                 live, BatchAbortedError(f"process_fn was cancelled (raised CancelledError) on a batch of {len(live)}")
             )
         error = task.exception()
-        if error is not None:
-            if not isinstance(error, Exception):
-                wrapped = BatchAbortedError(f"process_fn raised {error!r} on a batch of {len(live)}")
-                wrapped.__cause__ = error
-                error = wrapped
-            return self._fail_with(live, error)
-        results = task.result()
-        if not isinstance(results, (list, tuple)):  # pyright: ignore[reportUnnecessaryIsInstance]  (user code may return anything)
+        if error is None:
+            return task.result()
+        if not isinstance(error, Exception):
+            wrapped = BatchAbortedError(f"process_fn raised {error!r} on a batch of {len(live)}")
+            wrapped.__cause__ = error
+            error = wrapped
+        return self._fail_with(live, error)
+
+    async def _invoke(
+        self, live: list[Record[Any]], awaitable: Awaitable[Any], finished: asyncio.Future[None]
+    ) -> BaseException | None:
+        """Await what ``process_fn`` returned and deliver each result to its own record's future.
+
+        The results are delivered here, inside the task, so a caller wakes as
+        soon as ``process_fn`` returns, not one hop later when the slot does.
+        What ``process_fn`` raises propagates to ``_call``; a result list of
+        the wrong shape fails the batch here and is returned.  ``finished`` is
+        set on the way out, whatever happens.
+        """
+        try:
+            # typed Any: what process_fn really returns is checked below
+            results: Any = await awaitable
+        finally:
+            _wake(finished)
+        if not isinstance(results, (list, tuple)):
             return self._fail_with(
                 live,
                 TypeError(f"process_fn must return a list of {len(live)} results, got {type(results).__name__}"),
             )
-        if len(results) != len(live):
+        if len(results) != len(live):  # pyright: ignore[reportUnknownArgumentType]
             return self._fail_with(
-                live, ValueError(f"process_fn returned {len(results)} results for batch of {len(live)} records")
+                live,
+                ValueError(f"process_fn returned {len(results)} results for batch of {len(live)} records"),  # pyright: ignore[reportUnknownArgumentType]
             )
         completed = 0
-        for rec, result in zip(live, results, strict=True):
+        for rec, result in zip(live, results, strict=True):  # pyright: ignore[reportUnknownVariableType,reportUnknownArgumentType]
             if not rec.done():  # else cancelled by its caller meanwhile (counted then)
                 rec.set_result(result)
                 completed += 1
