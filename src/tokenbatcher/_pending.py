@@ -10,7 +10,8 @@ A batch is taken from the head:
 * ``grouping="fifo"``: records in dispatch order while the next one fits.
 * ``grouping="similar_cost"``: the head record, always, then records from the
   cost buckets nearest to its own, outward.  Buckets split costs on a log scale
-  (``BUCKETS_PER_OCTAVE`` to each doubling), and each bucket keeps its records
+  (``BUCKETS_PER_OCTAVE`` to each doubling: records in one bucket differ by
+  at most ~2%), and each bucket keeps its records
   in dispatch order, so a batch costs O(batch + buckets) to form, whatever the
   depth of the queue.  Because every batch takes the head, a record with ``r``
   live records ahead of it is dispatched within ``r + 1`` batches, as in FIFO.
@@ -38,8 +39,8 @@ from typing import Any, Literal, TypeAlias
 
 from ._types import ResultT
 
-BUCKETS_PER_OCTAVE = 8
-"""``grouping="similar_cost"``: cost buckets per doubling of cost (each ~9% wide)."""
+BUCKETS_PER_OCTAVE = 32
+"""``grouping="similar_cost"``: cost buckets per doubling of cost (each ~2% wide)."""
 
 _SLACK = 1024  # stale entries tolerated before a rebuild, on top of one per live record
 
