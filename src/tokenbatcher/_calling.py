@@ -1,6 +1,6 @@
 """How the batch function is called: awaited on the event loop, or run in a worker thread.
 
-Decided once, when the batcher is built ([as_async][]):
+Decided once, when the batcher is built (``as_async``):
 
 - An ``async def`` -- also behind ``functools.partial``, a bound method, or an
   object whose ``__call__`` is ``async def`` (and, on Python 3.12+, a function
@@ -62,7 +62,7 @@ def as_async(
             default executor.
 
     Returns:
-        ``fn`` itself if it is async ([is_async][]); otherwise a callable that
+        ``fn`` itself if it is async (``is_async``); otherwise a callable that
         submits ``fn`` to a worker thread and returns an awaitable of its result.
 
     Raises:

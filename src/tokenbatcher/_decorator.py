@@ -47,7 +47,7 @@ OwnerT_contra = TypeVar("OwnerT_contra", contravariant=True)
 
 
 class BatcherSettings(TypedDict, total=False):
-    """The keyword arguments of [TokenBatcher][tokenbatcher.TokenBatcher], which [batched][] takes.
+    """The keyword arguments of [TokenBatcher][tokenbatcher.TokenBatcher], which [batched][tokenbatcher.batched] takes.
 
     Every setting of [DynamicBatcher][tokenbatcher.DynamicBatcher] and the
     token-named ones of ``TokenBatcher``, with the same meaning and defaults.
@@ -344,7 +344,7 @@ class _BoundBatched(BatchedFunction[RecordT, ResultT]):
 
 
 class BatchedMethod(Protocol[OwnerT_contra, RecordT, ResultT]):
-    """What [batched][tokenbatcher.batched] makes of a method: on an instance, a [BatchedFunction][]."""
+    """What [batched][tokenbatcher.batched] makes of a method: on an instance, a ``BatchedFunction``."""
 
     @overload
     def __get__(self, instance: None, owner: type[Any] | None = None) -> Self: ...
@@ -435,8 +435,8 @@ def batched(fn: Callable[..., Any] | None = None, /, **settings: Unpack[BatcherS
             ``token_estimator``, ``default_token_estimate``).
 
     Returns:
-        A [BatchedFunction][tokenbatcher._decorator.BatchedFunction], or a
-        decorator that makes one.
+        The batched function (``await f(record)``, ``f.batcher``,
+        ``await f.aclose()``), or a decorator that makes one.
 
     Raises:
         TypeError: An unknown setting, or one of the wrong type.
