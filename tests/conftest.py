@@ -13,6 +13,7 @@ Tests that need real threads mark themselves ``@pytest.mark.real_clock``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib.util
 import selectors
 import sys
@@ -73,6 +74,24 @@ def run_virtual(coro: Coroutine[Any, Any, T]) -> T:
         return result
     finally:
         loop.close()
+
+
+class OnLoop(concurrent.futures.Executor):
+    """An executor that runs each call at once, on the calling thread.
+
+    The batcher calls a plain (non-async) ``process_fn`` in a worker thread.
+    The test harnesses whose plain ``process_fn`` checks the batch on the loop
+    at the moment of hand-off, then returns a coroutine, pass
+    ``executor=OnLoop()`` to keep that moment.
+    """
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed on, as a worker thread would
+            future.set_exception(exc)
+        return future
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

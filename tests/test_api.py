@@ -84,6 +84,7 @@ def test_dynamic_batcher_signature_matches_the_reference() -> None:
         "grouping": "fifo",
         "priority_aging_s": 1.0,
         "on_batch": None,
+        "executor": None,
     }
 
 

@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import run_virtual
+from conftest import OnLoop, run_virtual
 from tokenbatcher import DynamicBatcher
 
 EPS = 1e-6
@@ -110,7 +110,7 @@ class Run:
         self.futures: dict[int, asyncio.Future[Any]] = {}
         self.done_at: dict[int, float] = {}
         self.problems: list[str] = []
-        self.batcher: DynamicBatcher[Item, Any] = DynamicBatcher(self.process_fn, **config)
+        self.batcher: DynamicBatcher[Item, Any] = DynamicBatcher(self.process_fn, executor=OnLoop(), **config)
 
     def process_fn(self, batch: list[Item]) -> Any:
         loop = asyncio.get_running_loop()

@@ -179,14 +179,16 @@ async def test_a_result_that_is_not_a_list_is_a_type_error(result: Any) -> None:
                 await future
 
 
+@pytest.mark.real_clock
 @pytest.mark.asyncio
-async def test_a_sync_process_fn_fails_its_batch_with_a_type_error() -> None:
-    def not_async(batch: list[int]) -> list[int]:
+async def test_a_plain_process_fn_runs_off_the_event_loop() -> None:
+    def plain(batch: list[int]) -> list[int]:
+        with pytest.raises(RuntimeError, match="no running event loop"):
+            asyncio.get_running_loop()  # a worker thread (tests/test_calling.py has the rest)
         return batch
 
-    async with DynamicBatcher(not_async) as batcher:  # type: ignore[arg-type]
-        with pytest.raises(TypeError):
-            await (await batcher.submit(1))
+    async with DynamicBatcher(plain) as batcher:
+        assert await (await batcher.submit(1)) == 1
 
 
 @pytest.mark.asyncio
@@ -360,7 +362,7 @@ async def test_bad_timeout_and_priority_are_rejected() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"process_fn": "nope"}, TypeError, "process_fn must be an async callable"),
+        ({"process_fn": "nope"}, TypeError, "process_fn must be callable"),
         ({"max_batch_size": 0}, ValueError, "max_batch_size must be >= 1, got 0"),
         ({"max_batch_size": 2.0}, TypeError, "max_batch_size must be an int"),
         ({"min_batch_size": 0}, ValueError, "min_batch_size must be >= 1, got 0"),

@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from conftest import VirtualClockLoop
+from conftest import OnLoop, VirtualClockLoop
 from tokenbatcher import BatchAbortedError, BatcherStoppedError, DynamicBatcher, QueueFullError
 
 EPS = 1e-6
@@ -244,7 +244,7 @@ class BatcherMachine(RuleBasedStateMachine):
             "priority_aging_s": aging,
         }
         self.proc_time = proc_time
-        self.batcher = DynamicBatcher(self.process_fn, **self.config)
+        self.batcher = DynamicBatcher(self.process_fn, executor=OnLoop(), **self.config)
         self.run(self.batcher.start())
         self.running = True
 

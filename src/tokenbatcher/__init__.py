@@ -6,6 +6,7 @@ A drop-in replacement for the batching part of ``flyte.extras``::
 """
 
 from ._batcher import DynamicBatcher as DynamicBatcher
+from ._decorator import batched as batched
 from ._errors import BatchAbortedError as BatchAbortedError
 from ._errors import BatcherStoppedError as BatcherStoppedError
 from ._errors import QueueFullError as QueueFullError
@@ -47,4 +48,5 @@ __all__ = [
     "TokenBatcher",
     "TokenEstimator",
     "TokenEstimatorFn",
+    "batched",
 ]

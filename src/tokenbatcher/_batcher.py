@@ -27,6 +27,7 @@ from typing import Any, Generic, SupportsIndex
 
 from typing_extensions import Self
 
+from ._calling import as_async
 from ._deadlines import Deadlines
 from ._errors import BatchAbortedError, BatcherStoppedError, QueueFullError
 from ._pending import Pending, Record, batch_cost
@@ -114,7 +115,9 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
 
     Args:
         process_fn: ``async def f(batch: list[RecordT]) -> list[ResultT]``,
-            returning one result per record, in order.
+            returning one result per record, in order; or a plain ``def``,
+            which is called in a worker thread so it never blocks the event
+            loop (see ``executor``).
         cost_estimator: ``f(record) -> int``; see [submit][] for how a
             record's cost is found.
         target_batch_cost: The cost budget of one batch (>= 1).
@@ -151,10 +154,20 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             bound is that every batch takes the record at the head.)
         on_batch: Called with a [BatchInfo][] after each batch; its
             exceptions are logged and otherwise ignored.
+        executor: Where a plain (non-async) ``process_fn`` runs: a
+            ``concurrent.futures.Executor``, or None for the event loop's
+            default executor (as ``asyncio.to_thread``).  An ``async def``
+            (also behind ``functools.partial``, or an object with an async
+            ``__call__``) is awaited on the loop and takes no executor.  A
+            plain function runs in a copy of the ``contextvars`` context; if
+            it returns an awaitable, that is awaited on the loop.  A thread
+            cannot be stopped: a batch cancelled meanwhile fails at once, and
+            what the function returns later is dropped.
 
     Raises:
         TypeError: ``process_fn`` is not callable, or a setting has the wrong type.
-        ValueError: A setting is out of range.
+        ValueError: A setting is out of range, or ``executor`` was given with
+            an async ``process_fn``.
     """
 
     _estimator_name = "cost_estimator"
@@ -164,7 +177,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
 
     def __init__(
         self,
-        process_fn: ProcessFn[RecordT, ResultT],
+        process_fn: ProcessFn[RecordT, ResultT] | Callable[[list[RecordT]], list[ResultT]],
         *,
         cost_estimator: CostEstimatorFn[RecordT] | None = None,
         target_batch_cost: int = 32_000,
@@ -181,9 +194,10 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         grouping: Grouping = "fifo",
         priority_aging_s: float = 1.0,
         on_batch: Callable[[BatchInfo], object] | None = None,
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
         if not callable(process_fn):
-            raise TypeError(f"process_fn must be an async callable, got {process_fn!r}")
+            raise TypeError(f"process_fn must be callable (async or plain), got {process_fn!r}")
         if cost_estimator is not None and not callable(cost_estimator):
             raise TypeError(f"{self._estimator_name} must be callable or None, got {cost_estimator!r}")
         if on_batch is not None and not callable(on_batch):
@@ -203,7 +217,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         _check_choice("batch_cost", batch_cost, ("sum", "padded"))
         _check_choice("grouping", grouping, ("fifo", "similar_cost"))
         self._aging_s = _check_seconds("priority_aging_s", priority_aging_s, allow_zero=True)
-        self._process_fn = process_fn
+        self._process_fn = as_async(process_fn, executor)
         self._estimator = cost_estimator
         self._eager = dispatch == "eager"
         self._dispatch = dispatch

@@ -39,6 +39,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         grouping: As [DynamicBatcher][].
         priority_aging_s: As [DynamicBatcher][].
         on_batch: As [DynamicBatcher][].
+        executor: As [DynamicBatcher][].
 
     Raises:
         TypeError: Neither ``inference_fn`` nor ``process_fn`` was given, or as
@@ -63,9 +64,9 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
 
     def __init__(
         self,
-        inference_fn: ProcessFn[RecordT, ResultT] | None = None,
+        inference_fn: ProcessFn[RecordT, ResultT] | Callable[[list[RecordT]], list[ResultT]] | None = None,
         *,
-        process_fn: ProcessFn[RecordT, ResultT] | None = None,
+        process_fn: ProcessFn[RecordT, ResultT] | Callable[[list[RecordT]], list[ResultT]] | None = None,
         token_estimator: CostEstimatorFn[RecordT] | None = None,
         cost_estimator: CostEstimatorFn[RecordT] | None = None,
         target_batch_tokens: int | None = None,
@@ -84,6 +85,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         grouping: Grouping = "fifo",
         priority_aging_s: float = 1.0,
         on_batch: Callable[[BatchInfo], object] | None = None,
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
         fn = inference_fn if inference_fn is not None else process_fn
         if fn is None:
@@ -106,6 +108,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
             grouping=grouping,
             priority_aging_s=priority_aging_s,
             on_batch=on_batch,
+            executor=executor,
         )
 
     def _budget_name(self) -> str:
