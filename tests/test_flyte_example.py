@@ -1,4 +1,4 @@
-"""examples/flyte_reusable.py with the real flyte package, in local mode (real time, threads).
+"""docs/examples/flyte_reusable.py with the real flyte package, in local mode (real time, threads).
 
 Skipped when the ``flyte`` extra is not installed.  Flyte's local mode runs the
 tasks on an event loop in a background thread, so these are plain synchronous

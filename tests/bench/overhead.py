@@ -36,7 +36,7 @@ The harness (identical for every implementation)
   ``target_batch_cost=32000``, ``default_cost=1``).  The default queue bound
   applies to both, so producers hit backpressure in both; ours differs only
   by ``dispatch``.
-* The floor (:class:`bench._impls.FloorBatcher`) runs under the same harness:
+* The floor (:class:`tests.bench._impls.FloorBatcher`) runs under the same harness:
   one future per record created in ``submit``, resolved by a consumer that
   awaits ``process_fn`` on up to 256 records at a time, awaited by the
   producer; no bound, no costs, no stats, no error handling.
@@ -50,7 +50,7 @@ Reported: µs/record and records/s (medians), ``flyte / ours`` speed-up (how
 many times flyte's per-record time ours is), and ``ours / floor`` (how far
 from the floor ours is; 1.0 is the floor itself).
 
-Run alone: ``python -m bench.overhead [--n 25600] [--repeats 5]``.
+Run alone: ``python -m tests.bench.overhead [--n 25600] [--repeats 5]``.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench._impls import LABELS, factories
+from ._impls import LABELS, factories
 
 PRODUCERS = (1, 16, 0)  # 0: one task per record
 
