@@ -476,7 +476,7 @@ def report(
     lines += [
         "## Settings and machine",
         "",
-        "| | |",
+        "| setting | value |",
         "|---|---|",
         f"| texts | {args.texts:,} per mix, seed {args.seed} |",
         f"| budget | {args.budget:,} tokens |",
