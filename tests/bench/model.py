@@ -337,9 +337,20 @@ def plot(results: list[dict[str, Any]], sweep: dict[str, Any] | None, path: Path
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    # Two panels a row, so the figure keeps legible text at the width of a docs page.
     panels = len(results) + (sweep is not None)
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
-    for ax, result in zip(axes[0], results, strict=False):
+    cols = min(2, panels)
+    rows = -(-panels // cols)
+    fig = plt.figure(figsize=(5.2 * cols, 4.2 * rows))
+    grid = fig.add_gridspec(rows, cols)
+
+    def panel(i: int) -> Any:
+        row, col = divmod(i, cols)
+        alone = i == panels - 1 and col == 0  # the last panel, alone on its row: it takes the whole row
+        return fig.add_subplot(grid[row, :] if alone else grid[row, col])
+
+    for i, result in enumerate(results):
+        ax = panel(i)
         names = [n for n in VARIANTS if n in result["variants"]]
         values = [result["variants"][n]["texts_per_s"] for n in names]
         bars = ax.bar([SHORT[n] for n in names], values, color=[COLORS[n] for n in names])
@@ -350,7 +361,7 @@ def plot(results: list[dict[str, Any]], sweep: dict[str, Any] | None, path: Path
         ax.set_ylim(0, max(values) * 1.15)
         ax.tick_params(axis="x", labelsize=8)
     if sweep is not None:
-        ax = axes[0][-1]
+        ax = panel(panels - 1)
         xs = [p["producers"] for p in sweep["points"]]
         ys = [p["texts_per_s"] for p in sweep["points"]]
         ax.plot(xs, ys, "o-", color=COLORS["padded_similar"], label="ours padded + similar")
@@ -366,7 +377,7 @@ def plot(results: list[dict[str, Any]], sweep: dict[str, Any] | None, path: Path
         ax.set_ylabel("texts / s")
         ax.set_ylim(0, max(ys) * 1.15)
         ax.set_title(f"ours vs producers ({sweep['mix']} lengths)")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left")  # the top left is empty: few producers, low throughput
     fig.suptitle("all-MiniLM-L6-v2 on the CPU, same texts and token budget", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -420,9 +431,8 @@ def report(
             f"{result['texts']:,} texts of 3-256 tokens ({_mix_words(result['mix'])}; mean "
             f"{result['mean_tokens']:.0f}, median {result['median_tokens']:.0f} tokens).",
             "",
-            "| variant | texts/s | x unbatched | x flyte | model calls | texts/call | padding share"
-            " | largest call (padded tokens) | load avg |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| variant | texts/s | x unbatched | x flyte | padding | largest call, padded tokens |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         base = v.get("unbatched", {}).get("texts_per_s")
         flyte = v.get("flyte", {}).get("texts_per_s")
@@ -434,9 +444,12 @@ def report(
             xb = f"{tps / base:.2f}" if base else "-"
             xf = f"{tps / flyte:.2f}" if flyte else "-"
             lines.append(
-                f"| {LABELS[name]} | {tps:.1f} | {xb} | {xf} | {r['calls']:,} | {r['mean_size']:.1f} | "
-                f"{r['padding_share']:.1%} | {r['max_padded_tokens']:,} | {r['load_before']:.2f} |"
+                f"| {LABELS[name]} | {tps:.1f} | {xb} | {xf} | {r['padding_share']:.1%} | {r['max_padded_tokens']:,} |"
             )
+        ran = [(SHORT[name].replace("\n", " "), v[name]) for name in VARIANTS if name in v]
+        calls = ", ".join(f"{label} {r['calls']:,} ({r['mean_size']:.1f})" for label, r in ran)
+        loads = ", ".join(f"{label} {r['load_before']:.2f}" for label, r in ran)
+        lines += ["", f"Model calls (texts per call): {calls}. Load average before each run: {loads}."]
         if args.repeats > 1:
             lines += ["", "Every run's texts/s (the table shows the median):", ""]
             for name in VARIANTS:
