@@ -94,11 +94,14 @@ class OnLoop(concurrent.futures.Executor):
         return future
 
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
+
+# tests/bench/ is the benchmark suite (``python -m tests.bench``), not tests.
+collect_ignore = ["bench"]
 
 
 def load_example(filename: str) -> ModuleType:
-    """Import ``examples/<filename>`` as a module, so tests can call its functions."""
+    """Import ``docs/examples/<filename>`` as a module, so tests can call its functions."""
     path = EXAMPLES / filename
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None

@@ -112,3 +112,20 @@ def test_the_example_runs_end_to_end(example: ModuleType, model: Any, texts: lis
     assert stats.total_completed == len(texts)
     assert stats.total_failed == 0
     assert max(call.size * call.length for call in model.log.calls) <= 4_096
+
+
+def test_the_unbatched_line_serves_the_same_texts_one_per_call(
+    example: ModuleType, model: Any, texts: list[str], alone: Any
+) -> None:
+    model.log.clear()
+    seconds, embeddings = asyncio.run(example.run_unbatched(model, texts, producers=4))
+    assert seconds > 0
+    assert [call.size for call in model.log.calls] == [1] * len(texts)
+    assert float((torch.stack(embeddings) - alone).abs().max()) < TOLERANCE
+
+
+def test_the_example_counts_in_words(example: ModuleType) -> None:
+    assert example.plural(1, "text") == "1 text"
+    assert example.plural(2, "text") == "2 texts"
+    assert example.plural(1, "batch", "batches") == "1 batch"
+    assert example.plural(2_000, "batch", "batches") == "2,000 batches"

@@ -1,4 +1,4 @@
-"""examples/notebook.ipynb runs headless in a real IPython kernel (real time, a subprocess).
+"""docs/examples/notebook.ipynb runs headless in a real IPython kernel (real time, a subprocess).
 
 The execution test is skipped when the ``notebook`` extra (nbclient, ipykernel,
 matplotlib) is not installed; the committed file is checked either way.
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "notebook.ipynb"
+NOTEBOOK = Path(__file__).resolve().parent.parent / "docs" / "examples" / "notebook.ipynb"
 
 
 def test_committed_notebook_has_no_outputs() -> None:

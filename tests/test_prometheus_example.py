@@ -1,4 +1,4 @@
-"""examples/prometheus_exporter.py: the exported numbers are batcher.stats' numbers.
+"""docs/examples/prometheus_exporter.py: the exported numbers are batcher.stats' numbers.
 
 Skipped when the ``metrics`` extra (prometheus-client) is not installed.  The
 load runs on the virtual clock; scrapes from other threads use the real one.

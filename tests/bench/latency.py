@@ -29,7 +29,7 @@ asyncio's timers are served by the selector with ~1 ms granularity, so every
 figure, the floor of ``asyncio.sleep`` included, carries up to ~1 ms of timer
 slack; it is the same for all implementations.
 
-Run alone: ``python -m bench.latency [--duration 3] [--rates 10,100,1000]``.
+Run alone: ``python -m tests.bench.latency [--duration 3] [--rates 10,100,1000]``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench._impls import LABELS, factories
+from ._impls import LABELS, factories
 
 RATES = (10, 100, 300, 1000, 2000, 4000)
 LIGHT_RATE = 20

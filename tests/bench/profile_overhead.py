@@ -2,7 +2,7 @@
 
 Two views of the no-op overhead benchmark's hot path:
 
-1. ``cProfile`` of the :mod:`bench.overhead` harness (tottime per function,
+1. ``cProfile`` of the :mod:`tests.bench.overhead` harness (tottime per function,
    divided by the number of records).  The profiler inflates small functions,
    so read it for the ranking, not the absolute numbers.
 2. Micro-timings without a profiler, each in a running event loop: the pieces
@@ -11,7 +11,7 @@ Two views of the no-op overhead benchmark's hot path:
    submit``, and the consumer side (``Pending.take`` and resolving futures) per
    record, next to the floor's equivalents.
 
-Run: ``python -m bench.profile_overhead [--dispatch window] [--producers 1]``.
+Run: ``python -m tests.bench.profile_overhead [--dispatch window] [--producers 1]``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from collections.abc import Callable
 from typing import Any
 
 import tokenbatcher
-from bench._impls import factories
-from bench.overhead import _one_run
 from tokenbatcher import _pending
+
+from ._impls import factories
+from .overhead import _one_run
 
 N = 4_864  # 19 full batches, below max_queue_size: no backpressure, no partial batch
 

@@ -7,10 +7,10 @@ an ``alru_cache(maxsize=1)`` coroutine: every invocation that lands in that
 process awaits the same batcher, so records from different invocations share
 batches -- one model call serves all of them.
 
-Run it locally (no cluster, no network)::
+Run it locally (no cluster, no network), from a clone of the repository, at its root::
 
-    pip install 'tokenbatcher[flyte]'
-    python examples/flyte_reusable.py --invocations 40 --prompts 6
+    python -m pip install '.[flyte]'
+    python docs/examples/flyte_reusable.py --invocations 40 --prompts 6
 
 In local mode ``flyte.run`` executes every task call as a coroutine on one
 event loop that lives in a background thread, so all invocations share the
@@ -236,14 +236,20 @@ def run_local(invocations: int = 40, prompts: int = 6) -> tuple[RunSummary, Batc
     return summary, report
 
 
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """``"1 record"``, ``"2 records"``; ``nouns`` for an irregular plural (``"batches"``)."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
+
+
 def format_summary(summary: RunSummary, report: BatcherReport) -> str:
     reasons = ", ".join(f"{k} {n}" for k, n in sorted(report.dispatch_reasons.items())) or "-"
     return "\n".join(
         [
-            f"{summary.invocations} concurrent task invocations submitted {summary.records} records "
-            f"into {summary.batchers} shared TokenBatcher(s)",
+            f"{plural(summary.invocations, 'concurrent task invocation')} submitted "
+            f"{plural(summary.records, 'record')} into {plural(summary.batchers, 'shared TokenBatcher')}",
             f"batches: {summary.batches}, {summary.mean_batch_size:.1f} records each on average",
-            f"mixed:   {summary.mixed_batches} of {summary.batches} batches held records of several invocations "
+            f"mixed:   {summary.mixed_batches} of {plural(summary.batches, 'batch', 'batches')} "
+            "held records of several invocations "
             f"(mean {summary.mean_invocations_per_batch:.1f}, max {summary.max_invocations_per_batch} per batch)",
             f"stats:   submitted {report.submitted}, completed {report.completed}, failed {report.failed}, "
             f"batches {report.batches}, avg {report.avg_batch_size:.1f} records / {report.avg_batch_tokens:.0f} tokens",

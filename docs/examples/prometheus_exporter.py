@@ -9,11 +9,11 @@ Two sources feed one private ``CollectorRegistry``:
   depth, pending records, batches in flight, utilization) and the batcher's
   own cumulative record counters.
 
-Run it::
+Run it (from a clone of the repository, at its root)::
 
-    pip install 'tokenbatcher[metrics]'
-    python examples/prometheus_exporter.py                     # short load, then the exposition text
-    python examples/prometheus_exporter.py --serve 9464 --linger 60   # also http://127.0.0.1:9464/metrics
+    python -m pip install '.[metrics]'
+    python docs/examples/prometheus_exporter.py                           # short load, then the exposition text
+    python docs/examples/prometheus_exporter.py --serve 9464 --linger 60  # also http://127.0.0.1:9464/metrics
 """
 
 from __future__ import annotations

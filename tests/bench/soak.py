@@ -1,7 +1,7 @@
 """Soak test: push many records through a faulty process_fn; count lost futures.
 
-    python bench/soak.py                 # 1,000,000 records (about a minute)
-    python bench/soak.py --records 50000 # a quick look
+    python -m tests.bench.soak                    # 1,000,000 records (about a minute)
+    python -m tests.bench.soak --records 50000    # a quick look
 
 Producers submit with random costs, priorities and deadlines, cancel some of
 their futures, and use ``submit_nowait`` now and then.  ``process_fn`` fails in
