@@ -37,8 +37,9 @@ async def test_nothing_is_lost(overload: ModuleType) -> None:
     for spec in overload.MODELS.values():
         for load in (0.5, 4.0):
             for system in systems:
-                point = await overload.run_point(system, spec, load=load, duration=0.2, drain=5.0)
+                point = await overload.run_point(system, spec, load=load, duration=0.2, drain=5.0, warmup=0.05)
                 assert point.arrivals > 0
+                assert point.warmup_arrivals > 0
                 assert point.failed == 0, point.errors
                 assert point.cut == 0, point
                 assert point.served + point.refused + point.shed == point.arrivals, point

@@ -39,6 +39,7 @@ What is measured, per peer:
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -182,9 +183,17 @@ def _open_ray(serve: Any) -> Opener:
                 return handle(record)
 
             yield Adapter(submit=submit)
+            # serve.batch has no stop().  Let the batches it already formed run
+            # out (the model is instant by now), so that closing the loop does
+            # not cancel them: Ray's done-callback would log each cancellation
+            # as an error.  Its batching loop itself ends with the event loop.
+            in_flight = handle._get_curr_iteration_start_times  # Ray's own debugging hook
+            for _ in range(5_000):
+                if not in_flight().num_requests:
+                    break
+                await asyncio.sleep(0.001)
         finally:
             context._INTERNAL_REPLICA_CONTEXT = previous
-            # serve.batch has no stop(): its loop task ends when the point's event loop is closed.
 
     return open_ray
 
