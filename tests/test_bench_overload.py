@@ -1,0 +1,125 @@
+"""The overload benchmark's harness (tests/bench/overload.py), on our own systems at a tiny scale.
+
+No figure is asserted: only that every record ends in exactly one outcome,
+that the outcomes the report relies on all occur, and that the report renders.
+The peers' packages are never imported here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def overload() -> ModuleType:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # `tests.bench` is imported from the repository root
+    return importlib.import_module("tests.bench.overload")
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_nothing_is_lost(overload: ModuleType) -> None:
+    # On the virtual clock: exact, and the long drain costs no wall time.  With
+    # it every record resolves before the cut: served, refused or shed.
+    systems = [s for s in overload.our_systems() if s.open is not None]
+    assert {"window", "eager", "tuned"} <= {s.key for s in systems}
+    points = []
+    for spec in overload.MODELS.values():
+        for load in (0.5, 4.0):
+            for system in systems:
+                point = await overload.run_point(system, spec, load=load, duration=0.2, drain=5.0, warmup=0.05)
+                assert point.arrivals > 0
+                assert point.warmup_arrivals > 0
+                assert point.failed == 0, point.errors
+                assert point.cut == 0, point
+                assert point.served + point.refused + point.shed == point.arrivals, point
+                assert point.served_late <= point.served
+                points.append(point)
+
+    # Each outcome occurred, so each branch of the bookkeeping ran: the
+    # defaults serve late at 4x; the tuned variant refuses at submit and sheds
+    # on its deadline.
+    assert sum(p.goodput_rps for p in points) > 0
+    assert sum(p.served_late for p in points if p.system == "window") > 0
+    assert sum(p.refused for p in points if p.system == "tuned") > 0
+    assert sum(p.shed for p in points if p.system == "tuned") > 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_short_drain_cuts_the_rest_and_the_report_renders(overload: ModuleType) -> None:
+    systems = [s for s in overload.our_systems() if s.key in ("window", "tuned")]
+    settings = overload.Settings(duration=0.2, drain=0.1, loads=(4.0,), models=("clean",))
+    points = [await overload.run_point(s, overload.MODELS["clean"], load=4.0, duration=0.2, drain=0.1) for s in systems]
+    window = points[0]
+    assert window.cut > 0  # a backlog of seconds cannot drain in 0.1 s
+    assert window.served + window.cut == window.arrivals
+    assert window.p99_lower_bound
+
+    table = overload.format_tables(points, systems, settings)
+    for system in systems:
+        assert system.label in table
+    assert "### clean model" in table
+    assert "| 4x | 8,649 |" in table  # the goodput grid: load, offered rate
+    assert ">=" in table  # a cut record's age shows as a lower bound
+    dumped = json.loads(json.dumps(overload.to_json(points, systems, settings)))
+    assert [p["system"] for p in dumped["points"]] == ["window", "tuned"]
+
+
+@pytest.mark.real_clock
+@pytest.mark.timeout(120)
+def test_the_command_line_runs_from_the_repository_root(tmp_path: Path) -> None:
+    out = tmp_path / "overload.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.bench.overload",
+            "--systems",
+            "window,eager,tuned",
+            "--models",
+            "clean",
+            "--loads",
+            "0.5,2",
+            "--duration",
+            "0.2",
+            "--drain",
+            "0.2",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| load | offered/s |" in done.stdout
+    assert 'ours "eager", tuned' in done.stdout
+    points = json.loads(out.read_text())["points"]
+    assert len(points) == 6
+    assert all(p["served"] + p["refused"] + p["shed"] + p["failed"] + p["cut"] == p["arrivals"] for p in points)
+
+
+def test_the_command_line_rejects_bad_flags() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.bench.overload", "--drain", "0.01"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--drain must be longer than the target" in done.stderr
