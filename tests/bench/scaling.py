@@ -30,15 +30,25 @@ For each mode and each depth ``N`` (default 1k, 10k, 100k, 1M):
 * Costs: token counts drawn from a log-normal distribution (median 64, sigma
   1.0, clamped to 1..4,096; mean about 105) with a fixed seed, the same records
   in every mode; depth ``N`` uses the first ``N`` of them.
-* ``time.perf_counter``; ``gc.collect()`` (untimed) before the fill and before
-  the drain; the garbage collector stays enabled.  A point whose fill + drain
-  took under a second is repeated (``--repeats``, default 3) and the medians
-  are reported.  Depths run in order, every mode at one depth before the next.
-* Time cap: before each point the harness projects its fill + drain time from
-  the mode's last two points (``t * (N'/N)^k``, ``k`` the growth exponent seen
-  so far, at least 1).  A point projected over ``--cap-s`` (default 60 s) is
-  skipped, and so are the deeper ones: the table shows "skipped (projected >
-  X s)".
+* The clock: by default the process's CPU time (``time.process_time``), so
+  that other processes on a shared machine do not inflate the figures; the
+  harness never sleeps or waits on a timer, so on an idle machine CPU time and
+  wall time agree.  ``--clock wall`` reports ``time.perf_counter`` instead;
+  the JSON holds both.
+* The garbage collector is off during the fill and the drain, as ``timeit``
+  does, with ``gc.collect()`` between them: a full collection over millions of
+  live objects, landing in one run and not another, would swamp the figure.
+* A point whose fill + drain took under a second is repeated (``--repeats``,
+  default 3) and the medians are reported.  Depths run in order, every mode at
+  one depth before the next, after one untimed warm-up run per mode.
+* Time cap (``--cap-s``, default 60 s of wall time per point): before each
+  point the harness projects its fill + drain time from the mode's last two
+  points (``t * (N'/N)^k``, ``k`` the growth exponent seen so far, at least 1)
+  and skips the point, and every deeper one, if the projection exceeds the cap:
+  the table shows "skipped (projected > X s)".  A projection can fall short
+  (a quadratic cost hides behind linear ones at small depths), so a drain that
+  still runs when the point reaches the cap is cut short with ``stop(timeout=)``
+  and shown as "stopped at cap (> X s)".
 * Memory per queued record: a separate, untimed pass per mode at one depth
   (``--memory-depth``, default 100k or the deepest depth if smaller) under
   ``tracemalloc``: the bytes Python allocated during the fill, divided by the
@@ -95,10 +105,14 @@ import time
 import tracemalloc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import tokenbatcher
-from tokenbatcher import BatchCost, Dispatch, DynamicBatcher, Grouping
+from tokenbatcher import BatchCost, BatcherStoppedError, Dispatch, DynamicBatcher, Grouping
+
+Clock: TypeAlias = Literal["cpu", "wall"]
+
+CLOCK_UNITS = {"cpu": "µs of CPU time", "wall": "µs (wall clock)"}
 
 DEPTHS = (1_000, 10_000, 100_000, 1_000_000)
 QUICK_DEPTHS = (1_000, 10_000)
@@ -210,15 +224,34 @@ def prepare(mode: Mode, work: Workload, n: int) -> Prepared:
 
 @dataclass
 class Run:
-    """The figures of one fill and drain."""
+    """The figures of one fill and drain (seconds on both clocks)."""
 
     n: int
-    fill_s: float
-    drain_s: float
+    fill_cpu: float
+    fill_wall: float
+    drain_cpu: float
+    drain_wall: float
     queued_at_release: int
     batches: int
     avg_batch_size: float
     resolved: int
+    """Futures resolved to their own record."""
+    over_cap: bool = False
+    """The drain was stopped at the time cap; ``resolved`` is then below ``n``."""
+
+
+class _Watch:
+    """Process CPU time and wall time since construction."""
+
+    __slots__ = ("cpu", "wall")
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+
+    def elapsed(self) -> tuple[float, float]:
+        """``(cpu_s, wall_s)`` since construction."""
+        return time.process_time() - self.cpu, time.perf_counter() - self.wall
 
 
 def _gated_noop() -> tuple[asyncio.Event, Callable[[list[int]], Any]]:
@@ -239,8 +272,8 @@ async def _fill(batcher: DynamicBatcher[int, int], job: Prepared, futures: list[
         futures[i] = await submit(items[i], estimated_cost=costs[i], timeout_s=timeout_s, priority=priorities[i])
 
 
-def _check(futures: list[asyncio.Future[int]], items: list[int], mode: Mode) -> int:
-    """Count the futures resolved to their own record; raise if any is not."""
+def _count_right(futures: list[asyncio.Future[int]], items: list[int]) -> tuple[int, str]:
+    """How many futures hold their own record as result, and what the first other one holds."""
     good = 0
     first_bad = ""
     for item, fut in zip(items, futures, strict=True):
@@ -254,15 +287,20 @@ def _check(futures: list[asyncio.Future[int]], items: list[int], mode: Mode) -> 
             good += 1
             continue
         first_bad = first_bad or f"record {item}: {state}"
-    if good != len(items):
-        raise AssertionError(
-            f"{mode.name}: {len(items) - good} of {len(items)} futures not resolved right ({first_bad})"
-        )
-    return good
+    return good, first_bad
 
 
-async def drain_once(mode: Mode, job: Prepared) -> Run:
-    """Fill a batcher with ``job`` while it is gated, release it, time both."""
+async def drain_once(mode: Mode, job: Prepared, cap_s: float | None = None) -> Run:
+    """Fill a gated batcher with ``job``, release it, drain it; time both.
+
+    With ``cap_s``, a drain still running when fill + drain reach ``cap_s``
+    seconds (wall) is cut short by ``stop(timeout=...)``, which fails the
+    records left; the run then comes back with ``over_cap`` set.
+
+    Raises:
+        AssertionError: A future did not resolve to its own record (and the
+            drain was not cut short).
+    """
     n = len(job.items)
     gate, process = _gated_noop()
     batcher = mode.build(process, max_queue_size=n)
@@ -270,18 +308,39 @@ async def drain_once(mode: Mode, job: Prepared) -> Run:
     placeholder: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     futures = [placeholder] * n
     gc.collect()
-    t0 = time.perf_counter()
-    await _fill(batcher, job, futures)
-    fill_s = time.perf_counter() - t0
-    queued = batcher.stats.queue_depth
-    gc.collect()
-    t0 = time.perf_counter()
-    gate.set()
-    await batcher.stop()
-    drain_s = time.perf_counter() - t0
-    resolved = _check(futures, job.items, mode)
+    gc.disable()  # as timeit does; collections run between the timed phases instead
+    try:
+        watch = _Watch()
+        await _fill(batcher, job, futures)
+        fill_cpu, fill_wall = watch.elapsed()
+        queued = batcher.stats.queue_depth
+        gc.collect()
+        timeout = None if cap_s is None else max(0.0, cap_s - fill_wall)
+        watch = _Watch()
+        gate.set()
+        await batcher.stop(timeout=timeout)
+        drain_cpu, drain_wall = watch.elapsed()
+    finally:
+        gc.enable()
+    resolved, first_bad = _count_right(futures, job.items)
+    over_cap = timeout is not None and any(
+        fut.done() and not fut.cancelled() and isinstance(fut.exception(), BatcherStoppedError) for fut in futures
+    )
+    if resolved != n and not over_cap:
+        raise AssertionError(f"{mode.name}: {n - resolved} of {n} futures not resolved right ({first_bad})")
     stats = batcher.stats
-    return Run(n, fill_s, drain_s, queued, stats.total_batches, stats.avg_batch_size, resolved)
+    return Run(
+        n,
+        fill_cpu,
+        fill_wall,
+        drain_cpu,
+        drain_wall,
+        queued,
+        stats.total_batches,
+        stats.avg_batch_size,
+        resolved,
+        over_cap,
+    )
 
 
 async def memory_once(mode: Mode, job: Prepared) -> float:
@@ -309,7 +368,7 @@ async def memory_once(mode: Mode, job: Prepared) -> float:
 # --------------------------------------------------------------------- the round trip
 
 
-async def _eager_roundtrips(k: int) -> float:
+async def _eager_roundtrips(k: int, timer: Callable[[], float]) -> float:
     async def noop(batch: list[int]) -> list[int]:
         return batch
 
@@ -317,14 +376,14 @@ async def _eager_roundtrips(k: int) -> float:
         submit = batcher.submit
         for i in range(100):  # warm-up
             await (await submit(i))
-        t0 = time.perf_counter()
+        t0 = timer()
         for i in range(k):
             if await (await submit(i)) != i:
                 raise AssertionError(f"eager round trip {i}: wrong result")
-        return time.perf_counter() - t0
+        return timer() - t0
 
 
-async def _floor_roundtrips(k: int) -> float:
+async def _floor_roundtrips(k: int, timer: Callable[[], float]) -> float:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, asyncio.Future[int]]] = asyncio.Queue()
 
@@ -339,31 +398,33 @@ async def _floor_roundtrips(k: int) -> float:
             fut = loop.create_future()
             queue.put_nowait((i, fut))
             await fut
-        t0 = time.perf_counter()
+        t0 = timer()
         for i in range(k):
             fut = loop.create_future()
             queue.put_nowait((i, fut))
             if await fut != i:
                 raise AssertionError(f"floor round trip {i}: wrong result")
-        return time.perf_counter() - t0
+        return timer() - t0
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
 
-def roundtrip(k: int = ROUNDTRIPS, rounds: int = ROUNDTRIP_ROUNDS) -> dict[str, Any]:
+def roundtrip(k: int = ROUNDTRIPS, rounds: int = ROUNDTRIP_ROUNDS, clock: Clock = "cpu") -> dict[str, Any]:
     """One caller, one request at a time: "eager" against a plain future (µs per round trip)."""
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     eager: list[float] = []
     floor: list[float] = []
     for r in range(rounds):
         pair = [(eager, _eager_roundtrips), (floor, _floor_roundtrips)]
         for out, fn in pair if r % 2 == 0 else pair[::-1]:
             gc.collect()
-            out.append(asyncio.run(fn(k)) / k * 1e6)
+            out.append(asyncio.run(fn(k, timer)) / k * 1e6)
     eager_us, floor_us = statistics.median(eager), statistics.median(floor)
     return {
         "roundtrips": k,
         "rounds": rounds,
+        "clock": clock,
         "eager_us": eager_us,
         "floor_us": floor_us,
         "ratio": eager_us / floor_us,
@@ -375,16 +436,25 @@ def roundtrip(k: int = ROUNDTRIPS, rounds: int = ROUNDTRIP_ROUNDS) -> dict[str, 
 # --------------------------------------------------------------------- the sweep
 
 
-def _median_run(runs: list[Run]) -> dict[str, Any]:
+def _median_run(runs: list[Run], clock: Clock) -> dict[str, Any]:
     n = runs[0].n
+
+    def us(values: list[float]) -> float:
+        return statistics.median(values) / n * 1e6
+
+    figures = {
+        "submit_cpu_us": us([r.fill_cpu for r in runs]),
+        "drain_cpu_us": us([r.drain_cpu for r in runs]),
+        "submit_wall_us": us([r.fill_wall for r in runs]),
+        "drain_wall_us": us([r.drain_wall for r in runs]),
+    }
     return {
         "skipped": False,
         "n": n,
         "runs": len(runs),
-        "submit_us": statistics.median(r.fill_s for r in runs) / n * 1e6,
-        "drain_us": statistics.median(r.drain_s for r in runs) / n * 1e6,
-        "fill_s": [r.fill_s for r in runs],
-        "drain_s": [r.drain_s for r in runs],
+        "submit_us": figures[f"submit_{clock}_us"],
+        "drain_us": figures[f"drain_{clock}_us"],
+        **figures,
         "queued_at_release": runs[0].queued_at_release,
         "batches": runs[0].batches,
         "avg_batch_size": runs[0].avg_batch_size,
@@ -392,7 +462,7 @@ def _median_run(runs: list[Run]) -> dict[str, Any]:
     }
 
 
-def _project(done: list[tuple[int, float]], n: int) -> float:
+def project(done: list[tuple[int, float]], n: int) -> float:
     """Projected seconds at depth ``n`` from the last (depth, seconds) points, growth at least linear."""
     n1, t1 = done[-1]
     k = 1.0
@@ -408,6 +478,7 @@ def run(
     depths: Sequence[int] = DEPTHS,
     modes: Sequence[str] = MODE_NAMES,
     cap_s: float = CAP_S,
+    clock: Clock = "cpu",
     repeats: int = REPEATS,
     memory_depth: int | None = None,
     roundtrips: int = ROUNDTRIPS,
@@ -419,7 +490,9 @@ def run(
     Args:
         depths: Queue depths, ascending.
         modes: Names from ``MODE_NAMES``.
-        cap_s: Skip a point whose projected fill + drain time exceeds this.
+        cap_s: Skip a point whose projected fill + drain time (wall) exceeds
+            this; stop a drain that reaches it.
+        clock: What the µs figures count: ``"cpu"`` (process CPU time) or ``"wall"``.
         repeats: Runs of a point that took under a second (median reported).
         memory_depth: Depth of the memory pass (default: the deepest depth, at most 100k).
         roundtrips: Round trips per round of the one-caller test (0 skips it).
@@ -430,6 +503,8 @@ def run(
     unknown = [m for m in modes if m not in MODE_NAMES]
     if unknown:
         raise ValueError(f"modes: unknown {unknown}; choose from {', '.join(MODE_NAMES)}")
+    if clock not in ("cpu", "wall"):
+        raise ValueError(f"clock must be 'cpu' or 'wall', got {clock!r}")
     if not depths or depths[0] < 1:
         raise ValueError(f"depths must be >= 1, got {depths}")
     chosen = [mode for mode in MODES if mode.name in modes]
@@ -447,21 +522,32 @@ def run(
         for mode in chosen:
             done = walls[mode.name]
             if done:
-                projected = _project(done, n)
+                projected = project(done, n)
                 if projected > cap_s:  # k >= 1: every deeper point is projected longer still
                     points[mode.name][str(n)] = {"skipped": True, "n": n, "projected_s": projected, "cap_s": cap_s}
                     log(f"  {mode.name:>13} {n:>9,}: skipped (projected {projected:,.0f} s > {cap_s:g} s)")
                     continue
             job = prepare(mode, work, n)
-            runs = [asyncio.run(drain_once(mode, job))]
-            wall = runs[0].fill_s + runs[0].drain_s
+            first = asyncio.run(drain_once(mode, job, cap_s))
+            wall = first.fill_wall + first.drain_wall
+            done.append((n, wall))
+            if first.over_cap:
+                points[mode.name][str(n)] = {
+                    "skipped": True,
+                    "over_cap": True,
+                    "n": n,
+                    "elapsed_s": wall,
+                    "cap_s": cap_s,
+                }
+                log(f"  {mode.name:>13} {n:>9,}: stopped at the cap ({wall:,.0f} s)")
+                continue
+            runs = [first]
             if wall < REPEAT_BELOW_S:
                 runs += [asyncio.run(drain_once(mode, job)) for _ in range(repeats - 1)]
             del job
             gc.collect()
-            point = _median_run(runs)
+            point = _median_run(runs, clock)
             points[mode.name][str(n)] = point
-            done.append((n, wall))
             log(
                 f"  {mode.name:>13} {n:>9,}: drain {point['drain_us']:8.2f} µs/record, "
                 f"submit {point['submit_us']:6.2f} µs/record ({wall:.1f} s, {len(runs)} run(s))"
@@ -475,14 +561,15 @@ def run(
 
     trip = None
     if roundtrips:
-        trip = roundtrip(roundtrips)
+        trip = roundtrip(roundtrips, clock=clock)
         log(f"  round trip: eager {trip['eager_us']:.1f} µs, floor {trip['floor_us']:.1f} µs")
 
-    return {
+    results: dict[str, Any] = {
         "meta": machine_info(),
         "settings": {
             "depths": depths,
             "cap_s": cap_s,
+            "clock": clock,
             "repeats": repeats,
             "repeat_below_s": REPEAT_BELOW_S,
             "memory_depth": memory_depth,
@@ -503,6 +590,8 @@ def run(
         "roundtrip": trip,
         "elapsed_s": time.perf_counter() - started,
     }
+    results["goals"] = goals(results)
+    return results
 
 
 def machine_info() -> dict[str, str]:
@@ -564,7 +653,7 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
         for name, mode in modes.items():
             a, b = mode["points"][str(deep)], mode["points"][str(ref)]
             if a["skipped"] or b["skipped"]:
-                flat.append(f"{name} ({depth_label(deep)} skipped)")
+                flat.append(f"{name} ({depth_label(deep if a['skipped'] else ref)} not measured)")
             elif a["drain_us"] > FLAT_RATIO * b["drain_us"]:
                 flat.append(f"{name} ({a['drain_us'] / b['drain_us']:.2f}x)")
     vs_fifo: list[str] = []
@@ -575,7 +664,7 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
             for n in depths:
                 p, f = mode["points"][str(n)], fifo[str(n)]
                 if p["skipped"] or f["skipped"]:
-                    worst.append(f"{depth_label(n)} skipped")
+                    worst.append(f"{depth_label(n)} not measured")
                 elif p["drain_us"] > FIFO_RATIO * f["drain_us"]:
                     worst.append(f"{depth_label(n)}: {p['drain_us'] / f['drain_us']:.1f}x")
             if worst:
@@ -599,8 +688,9 @@ def format_report(results: dict[str, Any]) -> str:
     cap = results["settings"]["cap_s"]
     pair = _flat_pair(depths)
     fifo = modes.get("fifo", {}).get("points")
+    unit = CLOCK_UNITS[results["settings"]["clock"]]
     lines = [
-        "### Draining a pre-filled queue: batching overhead, µs per record (x FIFO at the same depth)",
+        f"### Draining a pre-filled queue: batching overhead, {unit} per record (x FIFO at the same depth)",
         "",
         "| mode | settings | "
         + " | ".join(depth_label(n) for n in depths)
@@ -613,7 +703,9 @@ def format_report(results: dict[str, Any]) -> str:
         for n in depths:
             p = mode["points"][str(n)]
             if p["skipped"]:
-                cells.append(f"skipped (projected > {cap:g} s)")
+                cells.append(
+                    f"stopped at cap (> {cap:g} s)" if p.get("over_cap") else f"skipped (projected > {cap:g} s)"
+                )
                 continue
             cell = _us(p["drain_us"])
             if fifo is not None and not fifo[str(n)]["skipped"]:
@@ -643,7 +735,7 @@ def format_report(results: dict[str, Any]) -> str:
 
     lines += [
         "",
-        "### Submitting into that queue: µs per record",
+        f"### Submitting into that queue: {unit} per record",
         "",
         "| mode | " + " | ".join(depth_label(n) for n in depths) + " | avg batch (deepest run) |",
         "|---|" + "---:|" * (len(depths) + 1),
@@ -663,7 +755,7 @@ def format_report(results: dict[str, Any]) -> str:
     if trip:
         lines += [
             "",
-            "### One caller, one request at a time (issue 10, item 6): µs per round trip",
+            f"### One caller, one request at a time (issue 10, item 6): {unit} per round trip",
             "",
             '| DynamicBatcher(dispatch="eager") | plain future via a queue consumer (floor) | ratio |',
             "|---:|---:|---:|",
@@ -733,6 +825,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", help="comma-separated depths, e.g. 1k,10k,100k,1M (default)")
     parser.add_argument("--modes", help=f"comma-separated subset of {','.join(MODE_NAMES)}")
     parser.add_argument("--cap-s", type=float, default=CAP_S, help="skip points projected to take longer (s)")
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="count process CPU time (default; robust to other processes' load) or wall time",
+    )
     parser.add_argument("--repeats", type=int, default=REPEATS, help="runs of points under 1 s (median)")
     parser.add_argument(
         "--memory-depth", type=parse_depth, help="depth of the tracemalloc pass (default min(deepest, 100k))"
@@ -762,6 +860,7 @@ def main(argv: list[str] | None = None) -> int:
             depths=depths,
             modes=modes,
             cap_s=args.cap_s,
+            clock=args.clock,
             repeats=args.repeats,
             memory_depth=args.memory_depth,
             roundtrips=roundtrips,
