@@ -91,9 +91,10 @@ def test_the_cap_stops_a_drain_and_skips_every_deeper_point() -> None:
 
 
 def test_the_projection_follows_the_growth_seen_and_is_at_least_linear() -> None:
-    assert scaling.project([(1_000, 2.0)], 10_000) == pytest.approx(20.0)
-    assert scaling.project([(1_000, 1.0), (10_000, 100.0)], 100_000) == pytest.approx(10_000.0)
-    assert scaling.project([(1_000, 2.0), (10_000, 4.0)], 100_000) == pytest.approx(40.0)
+    # (depth, wall s, CPU s): the exponent comes from CPU time, the scale from wall time
+    assert scaling.project([(1_000, 2.0, 1.0)], 10_000) == pytest.approx(20.0)
+    assert scaling.project([(1_000, 9.0, 1.0), (10_000, 300.0, 100.0)], 100_000) == pytest.approx(30_000.0)
+    assert scaling.project([(1_000, 2.0, 2.0), (10_000, 4.0, 4.0)], 100_000) == pytest.approx(40.0)
 
 
 def test_depth_labels_round_trip() -> None:

@@ -43,8 +43,8 @@ For each mode and each depth ``N`` (default 1k, 10k, 100k, 1M):
   one depth before the next, after one untimed warm-up run per mode.
 * Time cap (``--cap-s``, default 60 s of wall time per point): before each
   point the harness projects its fill + drain time from the mode's last two
-  points (``t * (N'/N)^k``, ``k`` the growth exponent seen so far, at least 1)
-  and skips the point, and every deeper one, if the projection exceeds the cap:
+  points (``t * (N'/N)^k``: ``t`` the last point's wall time, ``k`` the growth
+  exponent of their CPU times, at least 1) and skips the point, and every deeper one, if the projection exceeds the cap:
   the table shows "skipped (projected > X s)".  A projection can fall short
   (a quadratic cost hides behind linear ones at small depths), so a drain that
   still runs when the point reaches the cap is cut short with ``stop(timeout=)``
@@ -462,15 +462,20 @@ def _median_run(runs: list[Run], clock: Clock) -> dict[str, Any]:
     }
 
 
-def project(done: list[tuple[int, float]], n: int) -> float:
-    """Projected seconds at depth ``n`` from the last (depth, seconds) points, growth at least linear."""
-    n1, t1 = done[-1]
+def project(done: list[tuple[int, float, float]], n: int) -> float:
+    """Projected wall seconds at depth ``n`` from the measured ``(depth, wall_s, cpu_s)`` points.
+
+    The growth exponent ``k`` (at least 1) comes from the CPU times of the last
+    two points, which load on a shared machine barely moves; the projection
+    scales the last point's wall time by ``(n / its depth) ** k``.
+    """
+    n1, wall1, cpu1 = done[-1]
     k = 1.0
     if len(done) >= 2:
-        n0, t0 = done[-2]
-        if t0 > 0 and t1 > 0 and n1 > n0:
-            k = max(1.0, math.log(t1 / t0) / math.log(n1 / n0))
-    return t1 * math.pow(n / n1, k)
+        n0, _, cpu0 = done[-2]
+        if cpu0 > 0 and cpu1 > 0 and n1 > n0:
+            k = max(1.0, math.log(cpu1 / cpu0) / math.log(n1 / n0))
+    return wall1 * math.pow(n / n1, k)
 
 
 def run(
@@ -517,10 +522,10 @@ def run(
         asyncio.run(drain_once(mode, prepare(mode, work, min(depths[0], 1_000))))
 
     points: dict[str, dict[str, dict[str, Any]]] = {mode.name: {} for mode in chosen}
-    walls: dict[str, list[tuple[int, float]]] = {mode.name: [] for mode in chosen}
+    measured: dict[str, list[tuple[int, float, float]]] = {mode.name: [] for mode in chosen}
     for n in depths:
         for mode in chosen:
-            done = walls[mode.name]
+            done = measured[mode.name]
             if done:
                 projected = project(done, n)
                 if projected > cap_s:  # k >= 1: every deeper point is projected longer still
@@ -530,7 +535,7 @@ def run(
             job = prepare(mode, work, n)
             first = asyncio.run(drain_once(mode, job, cap_s))
             wall = first.fill_wall + first.drain_wall
-            done.append((n, wall))
+            done.append((n, wall, first.fill_cpu + first.drain_cpu))
             if first.over_cap:
                 points[mode.name][str(n)] = {
                     "skipped": True,
