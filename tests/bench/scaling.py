@@ -542,9 +542,14 @@ def run(
                     "over_cap": True,
                     "n": n,
                     "elapsed_s": wall,
+                    "cpu_s": first.fill_cpu + first.drain_cpu,
+                    "resolved_before_stop": first.resolved,
                     "cap_s": cap_s,
                 }
-                log(f"  {mode.name:>13} {n:>9,}: stopped at the cap ({wall:,.0f} s)")
+                log(
+                    f"  {mode.name:>13} {n:>9,}: stopped at the cap ({wall:,.0f} s, {first.resolved:,} records "
+                    f"resolved, {first.fill_cpu + first.drain_cpu:,.0f} s CPU)"
+                )
                 continue
             runs = [first]
             if wall < REPEAT_BELOW_S:
