@@ -820,7 +820,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     ax.xaxis.set_minor_locator(ticker.NullLocator())
     ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
     ax.set_xlabel("records queued when the queue is released")
-    ax.set_ylabel("batching overhead, µs per record")
+    ax.set_ylabel(f"batching overhead, {CLOCK_UNITS[results['settings']['clock']]} per record")
     ax.set_title("Draining a pre-filled queue, no-op process_fn")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
