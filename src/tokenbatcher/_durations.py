@@ -47,7 +47,8 @@ def _check(value: float, name: str) -> float:
     return float(value)
 
 
-def _whole(value: object, name: str, minimum: int) -> int:
+def check_int(value: object, name: str, minimum: int) -> int:
+    """``value`` if it is an int >= ``minimum``, else a ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
@@ -108,7 +109,7 @@ class DurationFit:
             n = 2 * room / (lin + math.sqrt(lin * lin + 4 * quad * room))
         else:
             n = room / lin if lin > 0 else math.inf
-        best = int(min(n, _whole(limit, "limit", 0)))
+        best = int(min(n, check_int(limit, "limit", 0)))
         while best > 0 and self.predict(best, best * k) > t:  # rounding
             best -= 1
         return best
@@ -128,7 +129,7 @@ class DurationModel:
     def __init__(self, *, half_life: float = 50.0, warmup: int = 8) -> None:
         if not math.isfinite(half_life) or half_life <= 0:
             raise ValueError(f"half_life must be a finite number > 0, got {half_life!r}")
-        self._decay, self._warmup = 0.5 ** (1.0 / half_life), _whole(warmup, "warmup", 1)
+        self._decay, self._warmup = 0.5 ** (1.0 / half_life), check_int(warmup, "warmup", 1)
         self._a = [[0.0] * 4 for _ in range(4)]  # sum of weight * z z^T
         self._g = [0.0] * 4  # sum of weight * z * duration
         self._weight = self._count = 0.0  # sum of weights; the same in batches (1 per fully trusted one)
@@ -156,7 +157,7 @@ class DurationModel:
         Raises:
             ValueError: An argument is out of range or not finite.
         """
-        _whole(size, "size", 1)
+        check_int(size, "size", 1)
         c, y = _check(cost, "cost"), _check(duration_s, "duration_s")
         if not math.isfinite(now):
             raise ValueError(f"now must be finite, got {now!r}")
