@@ -54,6 +54,11 @@ def check_int(value: object, name: str, minimum: int) -> int:
     return value
 
 
+def _reference(seconds: float) -> float:
+    """A duration relative errors are taken against: kept where its inverse square is a normal float."""
+    return min(max(seconds, 1e-9), 1e100)
+
+
 def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2] if values else 0.0
 
@@ -106,7 +111,8 @@ class DurationFit:
         if room < 0:
             return 0
         if quad > 0:  # the positive root of quad * n**2 + lin * n = room, in a form that cannot cancel
-            n = 2 * room / (lin + math.sqrt(lin * lin + 4 * quad * room))
+            denominator = lin + math.sqrt(lin * lin + 4 * quad * room)
+            n = 2 * room / denominator if denominator > 0 else 0.0
         else:
             n = room / lin if lin > 0 else math.inf
         best = int(min(n, check_int(limit, "limit", 0)))
@@ -163,7 +169,7 @@ class DurationModel:
             raise ValueError(f"now must be finite, got {now!r}")
         z, fit = (1.0, float(size), c, c * c), self._fit
         guess = fit.predict(size, c) if fit.samples else y
-        ref = max(guess, 1e-3 * self._g[0] / self._weight if self._weight else 0.0, 1e-9)
+        ref = _reference(max(guess, 1e-3 * self._g[0] / self._weight if self._weight else 0.0))
         precision = 1.0 / (ref * ref)
         residual = (y - guess) / ref / math.sqrt(1.0 + self._leverage(z, precision))  # studentized
         weight, outlier, shifted = precision, False, False
@@ -172,7 +178,7 @@ class DurationModel:
             outlier = abs(residual) > HUBER_K * scale
             if outlier:
                 weight *= HUBER_K * scale / abs(residual) if abs(residual) <= REJECT_K * scale else 0.0
-            if fit.ready:
+            if fit.ready and len(self._residuals) >= self._warmup:
                 u = max(-CUSUM_CLIP, min(CUSUM_CLIP, residual / scale))
                 self._high, self._low = max(0.0, self._high + u - CUSUM_SLACK), max(0.0, self._low - u - CUSUM_SLACK)
                 shifted = max(self._high, self._low) > CUSUM_ALARM
@@ -197,10 +203,9 @@ class DurationModel:
             self._add(z, y, -weight * self._decay**age, precision)  # out, as they were counted
         self._discount(SHIFT_KEEP, ratio)
         spread = REJECT_K * max(fit.fit_error, MIN_ERROR_SCALE)
-        for (z, y), weight, precision in recent:  # the new speed's outliers keep their old weight
-            full = precision / ratio**2
-            near = abs(y / max(fit.predict(z[1], z[2]) * ratio, 1e-9) - 1) <= spread
-            self._add(z, y, full if near else weight / ratio**2, full)
+        for (z, y), _, precision in recent:  # those off the new speed (from before the change, outliers) go
+            if abs(y / max(fit.predict(z[1], z[2]) * ratio, 1e-9) - 1) <= spread:
+                self._add(z, y, precision / ratio**2, precision / ratio**2)
         self._high = self._low = 0.0
         self._recent.clear()
         self._residuals.clear()
@@ -224,8 +229,8 @@ class DurationModel:
                 break
             kept.pop(best[1])
             dropped += 1
-        self._residuals.clear()
-        self._residuals.extend(self._refit_from(kept))
+        self._refit_from(kept)
+        self._residuals.clear()  # judged again on batches the fit has not seen
         self._recent.clear()
         self._refit(fit.samples, fit.shifts, dropped, fit.updated_at or 0.0)
 
@@ -234,7 +239,7 @@ class DurationModel:
         for rounds in range(2):  # weigh by observed, then by predicted durations
             self._discount(0.0)
             for number, (z, y) in batches:
-                ref = max(self._fit.predict(z[1], z[2]) if rounds else y, 1e-9)
+                ref = _reference(self._fit.predict(z[1], z[2]) if rounds else y)
                 self._add(z, y, self._decay ** (self._warmup - 1 - number) / ref**2, 1 / ref**2)
             self._refit(0, self._fit.shifts, 0, 0.0)
         guesses = [(y, max(self._fit.predict(z[1], z[2]), 1e-9)) for _, (z, y) in batches]
