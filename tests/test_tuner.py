@@ -41,6 +41,11 @@ def per_record(n: int, c: int) -> float:
     return 0.001 * n
 
 
+def instant(n: int, c: int) -> float:
+    """A process_fn that returns at once, as on a virtual clock."""
+    return 0.0
+
+
 def chat_costs(rng: random.Random) -> int:
     return rng.randint(20, 200)
 
@@ -184,10 +189,9 @@ def test_with_a_latency_target_no_decision_is_predicted_to_miss_it(target: float
         assert model.fit.predict(decision.max_size, decision.budget) <= target
         tune(tuner, model, queue, 1, start=i)
     stats = tuner.snapshot()
-    assert stats.target_size is not None
-    assert stats.target_budget is not None
-    assert stats.max_size <= stats.target_size
-    assert stats.budget <= stats.target_budget
+    assert stats.target_cap is not None
+    assert stats.budget <= stats.target_cap[0]
+    assert stats.max_size <= stats.target_cap[1]
 
 
 def test_with_a_latency_target_it_takes_the_most_efficient_budget_that_meets_it() -> None:
@@ -241,7 +245,7 @@ def test_the_snapshot_is_immutable_and_lists_the_arms_largest_first() -> None:
     assert all(arm.records_per_s > 0 and arm.batches > 0 for arm in stats.arms)
     assert stats.limited_batches == 60
     assert stats.switches >= 2
-    assert stats.target_budget is None
+    assert stats.target_cap is None
 
 
 def test_a_speed_change_drops_the_old_measurements() -> None:
@@ -276,7 +280,7 @@ def test_bad_settings_are_refused_naming_the_parameter() -> None:
     ceiling=st.integers(1, 100_000),
     max_size=st.integers(1, 1024),
     target=st.one_of(st.none(), st.floats(1e-4, 1.0)),
-    curve=st.sampled_from([u_shaped, shared, flat, per_record]),
+    curve=st.sampled_from([u_shaped, shared, flat, per_record, instant]),
     record_cost=st.integers(0, 500),
     seed=st.integers(0, 2**16),
 )

@@ -11,8 +11,9 @@ nothing about speed).  Outliers -- residuals, studentized by the fit's own
 uncertainty there, beyond ``HUBER_K`` robust error scales -- are down-weighted,
 beyond ``REJECT_K`` ignored.  A change of speed (a GPU now shared) trips a
 CUSUM: the old evidence is rescaled to the recent batches' speed and kept at
-``SHIFT_KEEP``; a step of >= 2 error scales (10% at 5% noise) is absorbed
-within ``SHIFT_RUN`` + 2 = 8 batches, smaller and gradual ones by forgetting.
+``SHIFT_KEEP``.  At 5% noise a step of 20% or more is detected within
+``SHIFT_RUN`` = 6 batches and predictions are back within 8% by the 8th;
+smaller steps and gradual drift take longer, or are followed by forgetting.
 When the data cannot tell terms apart (one batch size, costs proportional to
 sizes), a small ridge falls back to ``duration proportional to cost``.
 
@@ -28,7 +29,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from ._lstsq import gauss, ridge_nonnegative
+from ._numbers import check_int, check_number, gauss, median, ridge_nonnegative
 
 HUBER_K = 3.0  # residuals beyond this many error scales are down-weighted...
 REJECT_K = 6.0  # ...and beyond this many, ignored (the shift detector still sees them)
@@ -41,26 +42,13 @@ SHIFT_KEEP = 0.25  # share of the old evidence kept, rescaled to the new speed, 
 _Batch = tuple[tuple[float, ...], float]  # features (1, n, c, c**2) and duration
 
 
-def _check(value: float, name: str) -> float:
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def check_int(value: object, name: str, minimum: int) -> int:
-    """``value`` if it is an int >= ``minimum``, else a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _reference(seconds: float) -> float:
     """A duration relative errors are taken against: kept where its inverse square is a normal float."""
     return min(max(seconds, 1e-9), 1e100)
 
 
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2] if values else 0.0
+def _guess(fit: DurationFit, z: tuple[float, ...]) -> float:
+    return _reference(fit.predict(z[1], z[2]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +80,7 @@ class DurationFit:
 
     def predict(self, size: float, cost: float) -> float:
         """Predicted seconds (>= 0.0) for a batch of ``size`` records of counted cost ``cost``."""
-        n, c = _check(size, "size"), _check(cost, "cost")
+        n, c = check_number(size, "size"), check_number(cost, "cost")
         return self.intercept_s + self.per_record_s * n + self.per_cost_s * c + self.per_cost_squared_s * c * c
 
     def largest_batch(self, seconds: float, cost_per_record: float, limit: int) -> int:
@@ -106,7 +94,7 @@ class DurationFit:
         Returns:
             ``n`` in ``[0, limit]``; 0 when even one record is predicted too slow.
         """
-        t, k = _check(seconds, "seconds"), _check(cost_per_record, "cost_per_record")
+        t, k = check_number(seconds, "seconds"), check_number(cost_per_record, "cost_per_record")
         quad, lin, room = self.per_cost_squared_s * k * k, self.per_record_s + self.per_cost_s * k, t - self.intercept_s
         if room < 0:
             return 0
@@ -164,7 +152,7 @@ class DurationModel:
             ValueError: An argument is out of range or not finite.
         """
         check_int(size, "size", 1)
-        c, y = _check(cost, "cost"), _check(duration_s, "duration_s")
+        c, y = check_number(cost, "cost"), check_number(duration_s, "duration_s")
         if not math.isfinite(now):
             raise ValueError(f"now must be finite, got {now!r}")
         z, fit = (1.0, float(size), c, c * c), self._fit
@@ -198,13 +186,13 @@ class DurationModel:
     def _shift(self) -> None:
         """The speed changed: move the old evidence to the new speed, keep a share, re-add the recent batches."""
         fit, recent = self._fit, list(self._recent)
-        ratio = min(16.0, max(1 / 16, _median([y / max(fit.predict(z[1], z[2]), 1e-9) for (z, y), _, _ in recent])))
+        ratio = min(16.0, max(1 / 16, median([y / _guess(fit, z) for (z, y), _, _ in recent])))
         for age, ((z, y), weight, precision) in enumerate(reversed(recent)):
             self._add(z, y, -weight * self._decay**age, precision)  # out, as they were counted
         self._discount(SHIFT_KEEP, ratio)
         spread = REJECT_K * max(fit.fit_error, MIN_ERROR_SCALE)
         for (z, y), _, precision in recent:  # those off the new speed (from before the change, outliers) go
-            if abs(y / max(fit.predict(z[1], z[2]) * ratio, 1e-9) - 1) <= spread:
+            if abs(y / (_guess(fit, z) * ratio) - 1) <= spread:
                 self._add(z, y, precision / ratio**2, precision / ratio**2)
         self._high = self._low = 0.0
         self._recent.clear()
@@ -221,9 +209,8 @@ class DurationModel:
         for _ in range(len(kept) // 4):
             best: tuple[float, int] | None = None
             for i, (_, (z, y)) in enumerate(kept):
-                scale = max(1.4826 * _median(self._refit_from(kept[:i] + kept[i + 1 :])), MIN_ERROR_SCALE)
-                guess = max(self._fit.predict(z[1], z[2]), 1e-9)
-                if abs(y - guess) / guess > HUBER_K * scale and (best is None or scale < best[0]):
+                scale = max(1.4826 * median(self._refit_from(kept[:i] + kept[i + 1 :])), MIN_ERROR_SCALE)
+                if abs(y / _guess(self._fit, z) - 1) > HUBER_K * scale and (best is None or scale < best[0]):
                     best = (scale, i)
             if best is None:
                 break
@@ -239,11 +226,10 @@ class DurationModel:
         for rounds in range(2):  # weigh by observed, then by predicted durations
             self._discount(0.0)
             for number, (z, y) in batches:
-                ref = _reference(self._fit.predict(z[1], z[2]) if rounds else y)
+                ref = _guess(self._fit, z) if rounds else _reference(y)
                 self._add(z, y, self._decay ** (self._warmup - 1 - number) / ref**2, 1 / ref**2)
             self._refit(0, self._fit.shifts, 0, 0.0)
-        guesses = [(y, max(self._fit.predict(z[1], z[2]), 1e-9)) for _, (z, y) in batches]
-        return [abs(y - guess) / guess for y, guess in guesses]
+        return [abs(y / _guess(self._fit, z) - 1) for _, (z, y) in batches]
 
     def _discount(self, factor: float, ratio: float = 1.0) -> None:
         """Scale the evidence by ``factor``; with ``ratio``, as if every duration had been ``ratio`` times longer."""
@@ -284,7 +270,7 @@ class DurationModel:
             per_cost_squared_s=beta[3],
             samples=samples,
             effective_samples=self._count,
-            fit_error=1.4826 * _median(list(self._residuals)),
+            fit_error=1.4826 * median(list(self._residuals)),
             ready=samples >= self._warmup,
             shifts=shifts,
             outliers=outliers,

@@ -1,33 +1,33 @@
 """Choosing the batch limits that give the most records per second.
 
 The user's ``target_batch_cost`` and ``max_batch_size`` are ceilings; the tuner
-scales both by one factor from a log grid (``step`` apart) down to one record.
-Each factor is an *arm*.  Both scale because a batch closes at whichever limit
-binds first: the budget for tokens, the size for records of cost 1.
+scales both by one factor from a log grid (``step`` apart) down to one record,
+each factor an *arm* (both scale: a batch closes at whichever limit binds first,
+the budget for tokens, the size for records of cost 1).
 
 *Evidence.*  An arm is judged by records per second, ``n / duration``, of
-batches its own limits closed (``"budget"``, ``"max_size"``): a batch closed
-because a slot was free or its window ran out is as large as the queue was,
-not as the arm allows.  (Every batch still teaches the shared duration model,
-which the caller feeds.)  Until the model is ready an arm's estimate is its
-measured rate; then it is the model's prediction for the batch the arm forms,
-times the arm's measured speed relative to the model (the nearest measured
-arm's, for one never tried): that cancels most of the noise a mix of cheap
-and costly records puts into raw rates, and lets the model extrapolate.
+batches its own limits closed (``"budget"``, ``"max_size"``); one closed because
+a slot was free or its window ran out is as large as the queue was, not as the
+arm allows.  (Every batch still teaches the duration model, which the caller
+feeds.)  Until that model is ready an arm's estimate is its measured rate;
+then, the model's prediction for the batch the arm forms times the arm's speed
+measured relative to the model (the nearest measured arm's, for one never
+tried): this cancels most of the noise a mix of cheap and costly records puts
+into raw rates, and lets the model extrapolate.
 
 *Moves.*  It starts at the ceilings.  After ``dwell`` limited batches on an arm
-it goes to the best estimate: the largest batches within a tie of the top (a
-tie is the model's typical error on one batch, 2% to 5%), and it leaves the
-ceilings only for a gain of two ties -- a flat curve stays there; replacing the
-best arm takes ``MARGIN`` more.  Before the model is ready the best arm's
-untried neighbours go first (hill climbing).  It probes a neighbour of the best
-arm every ``probe_every`` limited batches, forgets measurements older than
-``memory`` of them, and all of them when the model detects a change of speed.
+it takes the largest batches within a tie of the best estimate (a tie is the
+model's typical error on one batch, 2% to 5%), leaves the ceilings only for a
+gain of two ties (a flat curve stays there), and replaces its best arm only for
+``MARGIN`` more.  Before the model is ready, the best arm's untried neighbours
+go first (hill climbing).  It probes a neighbour of the best arm every
+``probe_every`` limited batches, forgets measurements older than ``memory`` of
+them, and all of them when the model detects a change of speed.
 
 *Latency target.*  Arms whose batch is predicted too slow are not chosen (the
 smallest always may be), and every decision is clipped to the largest batch
 predicted to finish in time, in records and in cost at the recent cost per
-record: predicted duration grows with both, so nothing the decision allows is
+record; predicted duration grows with both, so nothing the decision allows is
 predicted slower.  Before any batch is seen, that is one record.
 """
 
@@ -36,7 +36,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ._durations import DurationModel, check_int
+from ._durations import DurationModel
+from ._numbers import check_int
 
 TIE, TIE_MAX = 0.02, 0.05  # bounds of a tie: a relative difference in records/s taken for noise
 MARGIN = 0.03  # the gain that replaces the best arm
@@ -90,16 +91,14 @@ class TunerStats:
     """Batches closed by the chosen limits (the ones that measure an arm)."""
     switches: int
     """Times the chosen arm changed."""
-    target_budget: int | None
-    """The cost cap the latency target sets (None without a target)."""
-    target_size: int | None
-    """The record cap the latency target sets (None without a target)."""
+    target_cap: tuple[int, int] | None
+    """The (budget, max_size) the latency target allows at most (None without a target)."""
     arms: tuple[ArmEstimate, ...]
     """The arms measured lately, largest batches first."""
 
 
 class _Arm:
-    """Running averages over the batches an arm's limits closed (plain means until there are enough)."""
+    """Running averages over the batches an arm's limits closed (plain means while few)."""
 
     __slots__ = ("batches", "checked", "cost", "last", "ratio", "records", "seconds")
 
@@ -226,54 +225,39 @@ class ThroughputTuner:
 
     def snapshot(self) -> TunerStats:
         """The tuner's state for stats (immutable)."""
-        cap, scores = self._target_cap(), self._scores()
+        scores = self._scores()
         arms = tuple(
             ArmEstimate(b, s, a.records / a.seconds if a.seconds > 0 else 0.0, max(scores[k], 0.0), a.batches)
             for k, ((b, s), a) in enumerate(zip(self._limits, self._arms, strict=True))
             if a.batches
         )
-        budget, size = self._capped(self._best)
-        return TunerStats(
-            budget=budget,
-            max_size=size,
-            exploring=self._current != self._best,
-            limited_batches=self._steps,
-            switches=self._switches,
-            target_budget=None if cap is None else cap[0],
-            target_size=None if cap is None else cap[1],
-            arms=arms,
-        )
-
-    def _batch_at(self, k: int) -> tuple[float, float] | None:
-        """The batch (records, cost) arm ``k`` forms: measured, else scaled from the nearest measured arm."""
-        if self._arms[k].batches:
-            return self._arms[k].records, self._arms[k].cost
-        measured = [j for j, arm in enumerate(self._arms) if arm.batches]
-        if not measured:
-            return None
-        near = self._arms[min(measured, key=lambda j: abs(j - k))]
-        per_record = near.cost / near.records
-        budget, size = self._limits[k]
-        records = max(1.0, min(float(size), budget / per_record if per_record > 0 else math.inf))
-        return records, records * per_record
+        exploring = self._current != self._best
+        return TunerStats(*self._capped(self._best), exploring, self._steps, self._switches, self._target_cap(), arms)
 
     def _scores(self) -> list[float]:
         """Each arm's estimated records per second (see the module docstring); -inf if unknown or too slow."""
         fit, arms = self._model.fit, self._arms
-        scores = [-math.inf] * len(arms)
         measured = [k for k, arm in enumerate(arms) if arm.batches]
+        scores = [-math.inf] * len(arms)
         for k, arm in enumerate(arms):
-            batch = self._batch_at(k)
-            if not fit.ready or batch is None:
-                if arm.batches:
-                    scores[k] = arm.records / max(arm.seconds, 1e-12)
-                continue
-            predicted = fit.predict(*batch)
-            if self._target is not None and predicted > self._target and k < len(arms) - 1:
+            if not fit.ready or not measured:
+                scores[k] = arm.records / max(arm.seconds, 1e-12) if arm.batches else -math.inf
                 continue
             near = arms[min(measured, key=lambda j: abs(j - k))]
-            scores[k] = batch[0] / max(predicted, 1e-12) * near.calibration()
+            records, cost = self._batch_at(k, near)
+            predicted = fit.predict(records, cost)
+            if self._target is None or predicted <= self._target or k == len(arms) - 1:
+                scores[k] = records / max(predicted, 1e-12) * near.calibration()
         return scores
+
+    def _batch_at(self, k: int, near: _Arm) -> tuple[float, float]:
+        """(records, cost) of arm ``k``'s batches: as measured, else at ``near``'s cost per record."""
+        if near is self._arms[k]:
+            return near.records, near.cost
+        per_record = near.cost / near.records
+        budget, size = self._limits[k]
+        records = max(1.0, min(float(size), budget / per_record if per_record > 0 else math.inf))
+        return records, records * per_record
 
     def _choose(self, scores: list[float]) -> int:
         """The best arm: the ceilings unless beaten by two ties, else the largest within half a tie."""

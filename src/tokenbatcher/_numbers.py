@@ -1,4 +1,4 @@
-"""Small least-squares problems solved by hand: the normal equations of a few unknowns."""
+"""Small numeric helpers: argument checks, a median, and least squares of a few unknowns solved by hand."""
 
 from __future__ import annotations
 
@@ -6,6 +6,25 @@ import math
 
 RIDGE = 1e-3
 """Ridge strength, relative to each unknown's own diagonal entry."""
+
+
+def check_int(value: object, name: str, minimum: int) -> int:
+    """``value`` if it is an int >= ``minimum``, else a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_number(value: float, name: str) -> float:
+    """``value`` as a float if it is finite and >= 0, else a ``ValueError`` naming ``name``."""
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def median(values: list[float]) -> float:
+    """The upper median (0.0 of nothing)."""
+    return sorted(values)[len(values) // 2] if values else 0.0
 
 
 def ridge_nonnegative(
