@@ -120,6 +120,9 @@ def test_submit_signatures() -> None:
     assert params(TokenBatcher.submit)[1:3] == [("record", PK, E), ("estimated_tokens", K, None)]
     assert params(DynamicBatcher.submit_batch)[1:3] == [("records", PK, E), ("estimated_cost", K, None)]
     assert params(DynamicBatcher.stop)[1:] == [("timeout", K, None)]
+    # call() takes exactly what submit() takes, in both classes
+    assert params(DynamicBatcher.call) == params(DynamicBatcher.submit)
+    assert params(TokenBatcher.call) == params(TokenBatcher.submit)
 
 
 def test_token_batcher_requires_a_function() -> None:
@@ -303,3 +306,30 @@ async def test_wrong_result_count_is_a_value_error_on_every_future() -> None:
         for future in futures:
             with pytest.raises(ValueError, match="process_fn returned 3 results for batch of 4 records"):
                 await future
+
+
+@pytest.mark.asyncio
+async def test_call_submits_and_awaits_the_result_and_a_cancelled_call_withdraws_the_record() -> None:
+    gate = asyncio.Event()
+    seen: list[str] = []
+
+    async def work(batch: list[Prompt]) -> list[str]:
+        await gate.wait()
+        seen.extend(p.text for p in batch)
+        return [p.text.upper() for p in batch]
+
+    async with TokenBatcher(work, dispatch="eager", max_batch_size=1) as batcher:
+        first = asyncio.ensure_future(batcher.call(Prompt("a"), estimated_tokens=3))
+        await asyncio.sleep(0)
+        withdrawn = asyncio.ensure_future(batcher.call(Prompt("b")))
+        await asyncio.sleep(0)
+        withdrawn.cancel()
+        await asyncio.sleep(0)
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await withdrawn
+        assert await first == "A"
+        assert batcher.stats.total_cancelled == 1
+        with pytest.raises(ValueError, match="estimated_tokens must be a non-negative int"):
+            await batcher.call(Prompt("c"), estimated_tokens=-1)
+    assert seen == ["a"]

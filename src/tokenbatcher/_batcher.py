@@ -533,6 +533,35 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             await self._wait_for_room()
         return self._enqueue(record, cost, deadline, priority)
 
+    async def call(
+        self,
+        record: RecordT,
+        *,
+        estimated_cost: int | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> ResultT:
+        """Submit one record and await its result: the one-await form of [submit][].
+
+        ``await batcher.call(record)`` is ``await (await batcher.submit(record))``.
+        Cancelling the call withdraws the record.  Takes the arguments of
+        [submit][] and raises what it raises, and whatever the record's
+        future fails with (``process_fn``'s exception, ``TimeoutError``, ...).
+
+        Examples:
+            >>> import asyncio
+            >>> from tokenbatcher import DynamicBatcher
+            >>> async def double(batch: list[int]) -> list[int]:
+            ...     return [2 * x for x in batch]
+            >>> async def main() -> list[int]:
+            ...     async with DynamicBatcher(double) as batcher:
+            ...         return await asyncio.gather(*(batcher.call(x) for x in range(3)))
+            >>> asyncio.run(main())
+            [0, 2, 4]
+        """
+        future = await self.submit(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
+        return await future
+
     def submit_nowait(
         self,
         record: RecordT,

@@ -137,6 +137,25 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
             estimated_cost = _tokens(estimated_tokens)
         return await super().submit(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
 
+    async def call(
+        self,
+        record: RecordT,
+        *,
+        estimated_tokens: int | None = None,
+        estimated_cost: int | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> ResultT:
+        """As [DynamicBatcher.call][], with ``estimated_tokens``."""
+        future = await self.submit(
+            record,
+            estimated_tokens=estimated_tokens,
+            estimated_cost=estimated_cost,
+            timeout_s=timeout_s,
+            priority=priority,
+        )
+        return await future
+
     def submit_nowait(
         self,
         record: RecordT,
