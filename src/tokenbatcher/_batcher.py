@@ -397,12 +397,14 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         metrics scraper): it never raises, and never counts a record twice;
         the numbers are then as of a moment, not atomic.
         """
-        # The order matters for a reader on another thread: the batcher lets go of a record
-        # before it counts it as resolved, so counters read first, then the records still held,
-        # then the accepted count, never count a record twice and never make pending negative.
+        # The order matters for a reader on another thread.  The batcher lets go of a record
+        # before it counts it as resolved, and a record moves from the queue to a batch, never
+        # back: so counters first, then the batches, then the queue, then the accepted count
+        # never count a record twice and never make pending negative.
         rec_stats = self._rec
         resolved = rec_stats.resolved()
-        held = itertools.chain(copied(self._pending), *(batch.records for batch in copied(self._out)))
+        batches = copied(self._out)
+        held = itertools.chain(copied(self._pending), *(batch.records for batch in batches))
         held_cancelled = sum(1 for rec in held if rec.future.cancelled())
         pending = self._pending
         return rec_stats.snapshot(
