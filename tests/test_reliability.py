@@ -426,14 +426,15 @@ async def test_submit_batch_is_all_or_nothing_when_cancelled_waiting_for_room() 
         await asyncio.sleep(1.0)
         return batch
 
-    async with DynamicBatcher(spy, max_queue_size=2, max_batch_size=1, dispatch="eager") as batcher:
+    async with DynamicBatcher(spy, max_queue_size=3, max_batch_size=1, dispatch="eager") as batcher:
         first = await batcher.submit(0)  # in process_fn until t=1
         await asyncio.sleep(0.1)
-        pending = asyncio.create_task(batcher.submit_batch([10, 11, 12, 13]))
-        await asyncio.sleep(0.1)  # 10 and 11 queued; waiting for room for 12
+        second = await batcher.submit(1)  # queued: room for 2 more, not 3
+        pending = asyncio.create_task(batcher.submit_batch([10, 11, 12]))
+        await asyncio.sleep(0.1)  # waiting for room for all three
         pending.cancel()
         with pytest.raises(asyncio.CancelledError):
             await pending
-        assert await first == 0
-    assert seen == [0]  # 10 and 11 were cancelled, never processed
-    assert batcher.stats.total_cancelled == 2
+        assert await asyncio.gather(first, second) == [0, 1]
+    assert seen == [0, 1]  # none of 10, 11, 12 was ever queued
+    assert (batcher.stats.total_submitted, batcher.stats.total_cancelled) == (2, 0)

@@ -1,10 +1,12 @@
 """A state machine that interleaves everything a batcher can meet, on a virtual clock.
 
-Rules submit records (``submit``, ``submit_nowait``), cancel futures, let virtual
-time pass, make the next batches misbehave (raise, raise before returning an
-awaitable, raise ``CancelledError``, hang until released, hang for good, return
-too few results or a non-list), stop (gracefully, with a timeout, racing a
-submit, or by cancelling the task that calls ``stop``) and start again.
+Rules submit records (``submit``, ``submit_nowait``, ``submit_batch``, and
+``submit_threadsafe`` from a real thread), cancel futures, let virtual time pass,
+read stats from a real thread while the loop runs, make the next batches
+misbehave (raise, raise before returning an awaitable, raise ``CancelledError``,
+hang until released, hang for good, return too few results or a non-list), stop
+(gracefully, with a timeout, racing a submit, or by cancelling the task that
+calls ``stop``) and start again, also at once after a cancelled stop.
 
 After every step the invariants check every future against what happened to
 its record, and the stats against the futures:
@@ -18,14 +20,26 @@ its record, and the stats against the futures:
 * ``total_completed``/``failed``/``cancelled``/``expired``/``pending``/``rejected``
   equal the futures' states, and they add up to ``total_submitted``;
 * the queue never holds more than ``max_queue_size`` records;
-* no internal loop of the batcher fails, and the event loop reports no stray exception.
+* no internal loop of the batcher fails, and the event loop reports no stray exception;
+* ``submit_batch`` is all or nothing: when it gives up waiting for room, none of
+  its records reaches ``process_fn`` or the counters;
+* stats read from another thread never raise, never show pending < 0, and their
+  counters of submitted, completed and expired records and of batches never go back.
+
+A ``submit_threadsafe`` future settles a little after the record's own future
+(its result crosses over in a callback), so between steps the counters may run
+ahead of what those futures show, by at most the number still unsettled.  After
+each run (every ``stop``), the checks are exact: every future resolved, none of
+the batcher's tasks left in ``asyncio.all_tasks()``, and the counters add up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +65,10 @@ class Rec:
     cost: int
     t_submit: float
     deadline: float | None
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Any] | concurrent.futures.Future[Any]
     cancelled_by_test: bool = False
+    threaded: bool = False  # submitted with submit_threadsafe: future is its concurrent.futures.Future
+    timeout: float | None = None  # the record's timeout_s, or the default (threaded: deadline unknown)
     batch: int | None = None  # index into machine.batches
     done_at: float | None = None
     done_in: str | None = None  # the rule during which the future became done
@@ -74,6 +90,13 @@ class Box:
     """A record as process_fn sees it."""
 
     rid: int
+
+
+def refused(future: asyncio.Future[Any] | concurrent.futures.Future[Any]) -> bool:
+    """A submit_threadsafe future whose record the batcher never accepted (it was not running)."""
+    if not future.done() or future.cancelled():
+        return False
+    return type(future.exception()) is RuntimeError  # not its subclasses BatcherStoppedError, BatchAbortedError
 
 
 class _LoopFailures(logging.Handler):
@@ -130,7 +153,7 @@ class BatcherMachine(RuleBasedStateMachine):
             if rec.batch is not None:
                 self.problems.append(f"record {it.rid} handed to process_fn twice (batches {rec.batch}, {index})")
             rec.batch = index
-            if rec.future.done():
+            if rec.future.done():  # (a threaded one settles after its record: a done one is done already)
                 self.problems.append(f"record {it.rid} handed to process_fn with a done future {rec.future!r}")
             if rec.deadline is not None and self.now() > rec.deadline + EPS:
                 self.problems.append(f"record {it.rid} handed over at {self.now()} after its deadline {rec.deadline}")
@@ -172,10 +195,19 @@ class BatcherMachine(RuleBasedStateMachine):
             await batch.gate  # "hang_forever": nobody resolves it
         return results
 
-    def accept(self, item: Box, cost: int, timeout_s: float | None, future: asyncio.Future[Any]) -> None:
+    def accept(
+        self,
+        item: Box,
+        cost: int,
+        timeout_s: float | None,
+        future: asyncio.Future[Any] | concurrent.futures.Future[Any],
+        threaded: bool = False,
+    ) -> None:
         timeout = timeout_s if timeout_s is not None else self.config["request_timeout_s"]
         now = self.now()
-        self.recs[item.rid] = Rec(item.rid, cost, now, None if timeout is None else now + timeout, future)
+        # A threaded record is queued a little later, maybe after waiting for room: its deadline is unknown.
+        deadline = None if timeout is None or threaded else now + timeout
+        self.recs[item.rid] = Rec(item.rid, cost, now, deadline, future, threaded=threaded, timeout=timeout)
 
         def done(_f: asyncio.Future[Any], rec: Rec = self.recs[item.rid]) -> None:
             if rec.done_at is not None:
@@ -190,9 +222,39 @@ class BatcherMachine(RuleBasedStateMachine):
         future = await b.submit(item, estimated_cost=cost, timeout_s=timeout_s, priority=priority)
         self.accept(item, cost, timeout_s, future)  # no suspension since the batcher accepted it
 
+    async def submit_batch_and_record(
+        self, b: DynamicBatcher[Box, Any], items: list[Box], costs: list[int], timeout_s: float | None, priority: int
+    ) -> None:
+        futures = await b.submit_batch(items, estimated_cost=costs, timeout_s=timeout_s, priority=priority)
+        for item, cost, future in zip(items, costs, futures, strict=True):
+            self.accept(item, cost, timeout_s, future)  # no suspension since the batcher accepted them
+
     def fresh(self) -> Box:
         self.next_id += 1
         return Box(self.next_id)
+
+    def in_thread(self, fn: Any) -> Any:
+        """Run ``fn`` in a real thread while the event loop is blocked: no virtual time passes meanwhile."""
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(fn).result(timeout=30)
+
+    def settle_threaded(self) -> None:
+        """Let the loop run until every threaded future has settled (they lag their records by a callback)."""
+        for _ in range(10):
+            if all(rec.future.done() for rec in self.recs.values() if rec.threaded):
+                return
+            self.run(asyncio.sleep(0))
+        unsettled = [rec.rid for rec in self.recs.values() if rec.threaded and not rec.future.done()]
+        raise AssertionError(f"submit_threadsafe futures unsettled after the run: {unsettled}")
+
+    def no_tasks_left(self) -> None:
+        """None of the batcher's tasks (nor any other) may outlive a run; cancelled ones get a few iterations."""
+        for _ in range(10):
+            left = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+            if not left:
+                return
+            self.run(asyncio.sleep(0))
+        raise AssertionError(f"tasks left after the run: {left}")
 
     def queue_full(self) -> bool:
         assert self.batcher is not None
@@ -308,10 +370,102 @@ class BatcherMachine(RuleBasedStateMachine):
         for cost in costs:
             self.submit_nowait(cost, timeout_s, 0)
 
+    @rule(
+        costs=st.lists(st.integers(0, 12), min_size=1, max_size=5),
+        timeout_s=TIMEOUTS,
+        priority=st.integers(-2, 2),
+        wait=st.sampled_from([0.0, 0.25, 1.0]),
+    )
+    def submit_batch(self, costs: list[int], timeout_s: float | None, priority: int, wait: float) -> None:
+        """All or nothing: it waits until every record fits, or queues none of them."""
+        self.step = "submit_batch"
+        b = self.batcher
+        assert b is not None
+        items = [self.fresh() for _ in costs]
+        if not self.running or len(items) > self.config["max_queue_size"]:
+            error, match = (RuntimeError, "not running") if not self.running else (ValueError, "max_queue_size")
+            with pytest.raises(error, match=match):
+                self.run(b.submit_batch(items, estimated_cost=costs, timeout_s=timeout_s, priority=priority))
+            return
+        fits = b.stats.queue_depth + len(items) <= self.config["max_queue_size"]
+
+        async def go() -> bool:
+            try:
+                batch = self.submit_batch_and_record(b, items, costs, timeout_s, priority)
+                await asyncio.wait_for(batch, wait or None)
+            except TimeoutError:
+                return False
+            return True
+
+        if wait == 0.0 and not fits:
+            return  # it could wait forever (a hung process_fn)
+        if not self.run(go()):
+            assert not fits, "submit_batch waited although its records fitted"
+            assert not any(item.rid in self.recs for item in items), "submit_batch gave up, yet queued records"
+            event("submit_batch gave up waiting for room")
+
+    @precondition(lambda self: self.running)
+    @rule(
+        costs=st.lists(st.integers(0, 12), min_size=1, max_size=4),
+        timeout_s=TIMEOUTS,
+        wait=st.sampled_from([0.0, 0.25, 1.0]),
+    )
+    def submit_from_a_thread(self, costs: list[int], timeout_s: float | None, wait: float) -> None:
+        self.step = "thread_submit"
+        b = self.batcher
+        assert b is not None
+        items = [self.fresh() for _ in costs]
+
+        def submit_all() -> list[concurrent.futures.Future[Any]]:
+            pairs = zip(items, costs, strict=True)
+            return [b.submit_threadsafe(item, estimated_cost=cost, timeout_s=timeout_s) for item, cost in pairs]
+
+        async def go() -> None:
+            for item, cost, future in zip(items, costs, self.in_thread(submit_all), strict=True):
+                self.accept(item, cost, timeout_s, future, threaded=True)
+            await asyncio.sleep(wait)
+
+        self.run(go())
+
+    @rule(dt=QUARTERS)
+    def read_stats_from_a_thread(self, dt: float) -> None:
+        """Stats read from another thread while the loop runs never raise nor count a record twice."""
+        self.step = "thread_stats"
+        b = self.batcher
+        assert b is not None
+        finished = threading.Event()
+        seen: list[str] = []
+
+        def reader() -> None:
+            last = (0, 0, 0, 0)
+            while True:  # at least once, then until the loop has run
+                try:
+                    stats = b.stats
+                    repr(b)
+                except Exception as exc:
+                    seen.append(f"stats from a thread raised {exc!r}")
+                    return
+                now = (stats.total_submitted, stats.total_completed, stats.total_expired, stats.total_batches)
+                if stats.pending < 0 or any(x < y for x, y in zip(now, last, strict=True)):
+                    seen.append(f"stats from a thread: pending {stats.pending}, counters {now} after {last}")
+                last = now
+                if finished.is_set():
+                    return
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        try:
+            self.run(asyncio.sleep(dt))
+        finally:
+            finished.set()
+            thread.join(timeout=30)
+        self.problems.extend(seen)
+
     @rule(data=st.data())
     def cancel_a_future(self, data: st.DataObject) -> None:
         self.step = "cancel"
-        undone = [rec for rec in self.recs.values() if not rec.future.done()]
+        # (a threaded future is not cancelled here: its record may complete before the cancel crosses over)
+        undone = [rec for rec in self.recs.values() if not rec.future.done() and not rec.threaded]
         if not undone:
             return
         rec = data.draw(st.sampled_from(undone))
@@ -415,17 +569,47 @@ class BatcherMachine(RuleBasedStateMachine):
         self.run(go())
         self.after_stop()
 
-    def after_stop(self) -> None:
+    @precondition(lambda self: self.running)
+    @rule(after=QUARTERS)
+    def restart_at_once_after_a_cancelled_stop(self, after: float) -> None:
+        """start() right after a stop() whose caller was cancelled: the new run must not meet the old one."""
+        self.step = "stop_cancelled"
+        b = self.batcher
+        assert b is not None
+
+        async def go() -> None:
+            stopping = asyncio.ensure_future(b.stop())
+            await asyncio.sleep(after)
+            if not stopping.done():
+                stopping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopping
+            last_run = list(b._tasks)
+            await b.start()
+            assert all(task.done() for task in last_run), "start() began a run under the last run's loops"
+
+        self.run(go())
+        self.after_stop(restarted=True)
+
+    def after_stop(self, restarted: bool = False) -> None:
+        """The end of a run: every future resolved, no task left, the counters add up exactly."""
         assert self.batcher is not None
-        self.running = False
-        assert not self.batcher.is_running
+        self.running = restarted
+        assert self.batcher.is_running == restarted
         for batch in self.batches:  # drained, or their process_fn calls were cancelled
             batch.alive = False
+        self.settle_threaded()
         undone = [rec.rid for rec in self.recs.values() if not rec.future.done()]
         assert not undone, f"stop() returned with unresolved futures: {undone}"
+        if restarted:
+            left = [t for t in asyncio.all_tasks(self.loop) if not t.done() and t not in self.batcher._tasks]
+            assert not left, f"tasks of the last run left after a restart: {left}"
+        else:
+            self.no_tasks_left()
         stats = self.batcher.stats
         assert stats.pending == 0, stats
         assert stats.queue_depth == 0, stats
+        self.stats_account_for_every_future()
 
     @rule()
     def start(self) -> None:
@@ -461,6 +645,10 @@ class BatcherMachine(RuleBasedStateMachine):
                 assert rec.cancelled_by_test, f"{where}: cancelled, but not by its caller"
                 continue
             exc = fut.exception()
+            if rec.threaded and refused(fut):
+                assert batch is None, f"{where}: refused, yet handed to process_fn"
+                assert "not running" in str(exc), f"{where}: {exc!r}"
+                continue
             if exc is None:
                 assert fut.result() == ("result", rec.rid), f"{where}: got {fut.result()!r}"
                 assert batch is not None, f"{where}: got a result without reaching process_fn"
@@ -470,8 +658,10 @@ class BatcherMachine(RuleBasedStateMachine):
                 assert rec.done_in in ("stop_timeout", "stop_cancelled"), f"{where}: {exc!r}"
             elif isinstance(exc, TimeoutError):
                 assert batch is None, f"{where}: handed to process_fn, yet expired"
-                assert rec.deadline is not None, f"{where}: expired without a deadline"
-                assert rec.done_at == pytest.approx(rec.deadline, abs=EPS), f"{where}: expired at {rec.done_at}"
+                assert rec.timeout is not None, f"{where}: expired without a deadline"
+                if not rec.threaded:  # (a threaded record's deadline counts from when it was queued)
+                    assert rec.deadline is not None
+                    assert rec.done_at == pytest.approx(rec.deadline, abs=EPS), f"{where}: expired at {rec.done_at}"
             else:
                 assert batch is not None, f"{where}: never handed to process_fn, yet {exc!r}"
                 if batch.mode in ("raise", "raise_sync"):
@@ -492,7 +682,12 @@ class BatcherMachine(RuleBasedStateMachine):
         if self.batcher is None:
             return
         stats = self.batcher.stats
-        futures = [rec.future for rec in self.recs.values()]
+        unsettled = sum(1 for rec in self.recs.values() if rec.threaded and not rec.future.done())
+        futures = [
+            rec.future
+            for rec in self.recs.values()
+            if not (rec.threaded and (not rec.future.done() or refused(rec.future)))
+        ]
         cancelled = sum(1 for f in futures if f.cancelled())
         done = [f for f in futures if f.done() and not f.cancelled()]
         completed = sum(1 for f in done if f.exception() is None)
@@ -509,7 +704,14 @@ class BatcherMachine(RuleBasedStateMachine):
             stats.total_rejected,
         )
         want = (len(futures), completed, failed, cancelled, expired, pending, self.rejected)
-        assert got == want, f"(submitted, completed, failed, cancelled, expired, pending, rejected): {got} != {want}"
+        names = "(submitted, completed, failed, cancelled, expired, pending, rejected)"
+        if unsettled:  # the counters may be ahead of the unsettled threaded futures, by at most their number
+            ahead = [g - w for g, w in zip(got, want, strict=True)]
+            assert min(ahead) >= 0, f"{names}: {got} vs {want}"
+            assert ahead[0] <= unsettled, f"{names}: {got} vs {want}, {unsettled} unsettled"
+            assert ahead[-1] == 0, f"{names}: {got} vs {want}"
+        else:
+            assert got == want, f"{names}: {got} != {want}"
         assert stats.total_submitted == (
             stats.total_completed + stats.total_failed + stats.total_cancelled + stats.total_expired + stats.pending
         )
@@ -536,6 +738,8 @@ class BatcherMachine(RuleBasedStateMachine):
             if self.batcher is not None and not loop.is_closed():
                 self.step = "stop_timeout"
                 self.run(self.batcher.stop(timeout=5.0))
+                self.settle_threaded()
+                self.no_tasks_left()
                 self.every_future_matches_what_happened_to_its_record()
                 self.stats_account_for_every_future()
                 assert all(rec.future.done() for rec in self.recs.values())

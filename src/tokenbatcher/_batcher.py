@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
+import functools
 import logging
 import math
 import operator
 import sys
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Generic, SupportsIndex
 
 from typing_extensions import Self
@@ -59,6 +61,96 @@ class _Batch:
         self.reason = reason
 
 
+class _Handoff(Generic[ResultT]):
+    """One ``submit_threadsafe`` record, from its caller's thread to its result.
+
+    ``outcome`` is the caller's ``concurrent.futures.Future``.  It settles
+    exactly once: with the record's result or exception; cancelled, if its
+    caller cancels it (which cancels the record); or with
+    [BatcherStoppedError][] if the event loop stops, shuts down or closes
+    first -- even with this hand-off still scheduled on it, as then the
+    hand-off is dropped unsettled, and ``__del__`` settles it.
+    """
+
+    __slots__ = ("_loop", "_name", "_record", "_settled", "_submit", "_task", "outcome")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        submit: Callable[[], Coroutine[Any, Any, asyncio.Future[ResultT]]],
+        name: str,
+    ) -> None:
+        self._loop = loop
+        self._submit = submit
+        self._name = name
+        self._settled = False
+        self._task: asyncio.Task[None] | None = None
+        self._record: asyncio.Future[ResultT] | None = None
+        self.outcome: concurrent.futures.Future[ResultT] = concurrent.futures.Future()
+
+    def start(self) -> None:
+        """On the loop: submit the record, unless its caller has cancelled already."""
+        if self.outcome.cancelled():
+            self._claim()
+            return
+        self._task = self._loop.create_task(self._run(), name=self._name)
+        self.outcome.add_done_callback(self._caller_done)
+
+    async def _run(self) -> None:
+        try:
+            record = await self._submit()
+        except asyncio.CancelledError:  # by its caller, or by the event loop shutting down
+            self.stopped("the event loop running the batcher cancelled its tasks (did asyncio.run() return?)")
+            raise
+        except BaseException as exc:  # refused, or a bad cost: the caller's to see
+            if self._claim():
+                self.outcome.set_exception(exc)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            return
+        self._record = record
+        record.add_done_callback(self._deliver)
+        if self.outcome.cancelled():
+            record.cancel()
+
+    def _deliver(self, record: asyncio.Future[ResultT]) -> None:
+        if record.cancelled():  # only by its caller, through the outcome
+            self.outcome.cancel()
+            self._claim()
+        elif record.exception() is not None:
+            if self._claim():
+                self.outcome.set_exception(record.exception())
+        elif self._claim():
+            self.outcome.set_result(record.result())
+
+    def _caller_done(self, outcome: concurrent.futures.Future[ResultT]) -> None:
+        """In any thread: if the caller cancelled, cancel the record (or its submission) on the loop."""
+        if outcome.cancelled():
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing left to cancel
+                self._loop.call_soon_threadsafe(self._cancel)
+
+    def _cancel(self) -> None:
+        if self._record is not None:
+            self._record.cancel()
+        elif self._task is not None:
+            self._task.cancel()
+
+    def stopped(self, reason: str) -> None:
+        """Fail with BatcherStoppedError: the loop went away before the record was processed."""
+        if self._claim():
+            self.outcome.set_exception(BatcherStoppedError(f"{reason} before this record was processed"))
+
+    def _claim(self) -> bool:
+        """True the first time, if the outcome is the batcher's to set (its caller has not cancelled it)."""
+        if self._settled:
+            return False
+        self._settled = True
+        return self.outcome.set_running_or_notify_cancel()
+
+    def __del__(self) -> None:
+        self.stopped("the event loop running the batcher closed")
+
+
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -69,25 +161,65 @@ def _wake_all(waiters: list[asyncio.Future[None]] | deque[asyncio.Future[None]])
         _wake(waiters.pop())
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
+MAX_COST = 2**63 - 1
+"""The largest cost of one record, so every sum and average in the stats stays a finite float."""
+
+MIN_PRIORITY, MAX_PRIORITY = -(2**63), 2**63 - 1
+"""A priority is a signed 64-bit int, so a record's dispatch key stays a finite float."""
+
+MAX_SECONDS = 1e9
+"""The longest ``timeout_s``, ``request_timeout_s`` and ``priority_aging_s`` (about 31 years)."""
+
+
+def _show(value: object) -> str:
+    """A value for an error message; an int too long to print is described by its size."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an int of {value.bit_length()} bits"
+    return repr(value)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _explain(error: BaseException | None) -> str:
+    """Why a loop of the batcher ended other than by stop(), for the futures it leaves and later submits."""
+    if error is None:
+        return "the event loop running the batcher cancelled its tasks (did asyncio.run() return?)"
+    return f"an internal loop failed ({error!r})"
+
+
+def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be >= {minimum}, got {_show(value)}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {_show(value)}")
     return value
 
 
-def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
+def _check_seconds(name: str, value: object, *, allow_zero: bool, capped: bool = False) -> float:
+    """Validate a number of seconds; ``capped`` ones must also be at most [MAX_SECONDS][] (else inf is allowed)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, got {value!r} ({type(value).__name__})")
-    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond any float
+        seconds = math.inf if value > 0 else -math.inf
+    if math.isnan(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return float(value)
+        raise ValueError(f"{name} must be {bound}, got {_show(value)}")
+    if capped and seconds > MAX_SECONDS:
+        raise ValueError(f"{name} must be <= 1e9 seconds (about 31 years), got {_show(value)}")
+    return seconds
 
 
-def _check_optional_seconds(name: str, value: object, *, allow_zero: bool) -> float | None:
-    return None if value is None else _check_seconds(name, value, allow_zero=allow_zero)
+def _check_optional_seconds(name: str, value: object, *, allow_zero: bool, capped: bool = False) -> float | None:
+    return None if value is None else _check_seconds(name, value, allow_zero=allow_zero, capped=capped)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -99,9 +231,11 @@ def bad_cost(value: object, source: str) -> int:
     """The slow path of cost validation: convert an integer-like value or raise."""
     if not isinstance(value, bool) and isinstance(value, SupportsIndex):
         converted = operator.index(value)  # e.g. numpy.int64
-        if converted >= 0:
-            return converted
-        raise ValueError(f"{source} must be a non-negative int, got {converted}")
+        if converted < 0:
+            raise ValueError(f"{source} must be a non-negative int, got {_show(converted)}")
+        if converted > MAX_COST:
+            raise ValueError(f"{source} must be <= 2**63 - 1, got {_show(converted)}")
+        return converted
     raise TypeError(f"{source} must be a non-negative int, got {value!r} ({type(value).__name__})")
 
 
@@ -210,13 +344,15 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         self._timeout_s = _check_seconds("batch_timeout_s", batch_timeout_s, allow_zero=True)
         self._max_queue_size = _check_int("max_queue_size", max_queue_size, 1)
         self._prefetch = _check_int("prefetch_batches", prefetch_batches, 1)
-        self._default_cost = _check_int(self._default_name(), default_cost, 0)
+        self._default_cost = _check_int(self._default_name(), default_cost, 0, MAX_COST)
         _check_choice("dispatch", dispatch, ("window", "eager"))
         self._slots = _check_int("max_concurrent_batches", max_concurrent_batches, 1)
-        self._request_timeout_s = _check_optional_seconds("request_timeout_s", request_timeout_s, allow_zero=False)
+        self._request_timeout_s = _check_optional_seconds(
+            "request_timeout_s", request_timeout_s, allow_zero=False, capped=True
+        )
         _check_choice("batch_cost", batch_cost, ("sum", "padded"))
         _check_choice("grouping", grouping, ("fifo", "similar_cost"))
-        self._aging_s = _check_seconds("priority_aging_s", priority_aging_s, allow_zero=True)
+        self._aging_s = _check_seconds("priority_aging_s", priority_aging_s, allow_zero=True, capped=True)
         self._process_fn = as_async(process_fn, executor)
         self._estimator = cost_estimator
         self._eager = dispatch == "eager"
@@ -245,10 +381,12 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         self._deadlines = Deadlines(self._expire)
         self._hook = self._cancelled  # every record's cancel hook: one bound method for all
         self._aborting = False
-        self._stop_reason = "the batcher's loops were cancelled (is the event loop shutting down?)"
-        self._failure: BaseException | None = None
+        self._ended: str | None = None  # why the last run ended other than by stop()
+        self._failure: BaseException | None = None  # ... and the exception that ended it
         self._orphaned = False  # our loop cancelled our tasks without stop(): it shut down
-        self._stopped: asyncio.Future[None] | None = None
+        self._stopped: asyncio.Future[None] | None = None  # resolved when the run ends; identifies the run
+        self._calls: set[asyncio.Future[Any]] = set()  # process_fn calls running now
+        self._stoppers: set[asyncio.Task[None]] = set()  # stops begun inside process_fn, seen through
 
     # Names used in error messages; TokenBatcher renames them.
     def _budget_name(self) -> str:
@@ -269,11 +407,17 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         """A [BatchStats][] snapshot (``await batcher.stats`` works too).
 
         Counters move at dispatch: a batch counts in ``total_batches`` from the
-        moment it enters ``process_fn``.  Safe to read from another thread (a
-        metrics scraper); the numbers are then as of a moment, not atomic.
+        moment it enters ``process_fn``.  Safe to read from any thread (a
+        metrics scraper): it never raises, and never counts a record twice;
+        the numbers are then as of a moment, not atomic.
         """
+        # The order matters for a reader on another thread: the resolved counters first,
+        # the accepted count last, so no record is counted twice and pending is never negative.
+        rec_stats = self._rec
+        resolved = rec_stats.resolved()
         pending = self._pending
-        return self._rec.snapshot(
+        return rec_stats.snapshot(
+            resolved,
             submitted=self._seq,
             queue_depth=pending.size,
             peak_queue_depth=max(pending.peak, pending.size),
@@ -294,11 +438,19 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         """
         if self._state is _RUNNING or self._state is _STOPPING:
             raise RuntimeError(f"{type(self).__name__} is already running")
-        self._loop = loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        leftovers = [task for task in self._tasks if not task.done()] if self._loop is loop else []
+        if leftovers:
+            # The last run's loops, cancelled by a stop() that gave up or by a failure, end within
+            # a few iterations of the event loop; the new run must not start under them.
+            await asyncio.wait(leftovers)
+            if self._state is _RUNNING or self._state is _STOPPING:  # a concurrent start() came first
+                raise RuntimeError(f"{type(self).__name__} is already running")
+        self._loop = loop
         self._state = _RUNNING
         self._sealing_done = self._aborting = self._orphaned = False
-        self._failure = None
-        self._stopped = loop.create_future()
+        self._failure = self._ended = None
+        self._stopped = stopped = loop.create_future()
         if self._eager:
             bodies = [self._eager_slot() for _ in range(self._slots)]
         else:
@@ -306,7 +458,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         name = type(self).__name__
         self._tasks = [loop.create_task(body, name=f"{name}-loop-{i}") for i, body in enumerate(bodies)]
         for task in self._tasks:
-            task.add_done_callback(self._loop_ended)
+            task.add_done_callback(functools.partial(self._loop_ended, stopped))
         logger.info("%s started (dispatch=%r)", name, self._dispatch)
 
     async def stop(self, *, timeout: float | None = None) -> None:
@@ -314,8 +466,14 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
 
         From the moment ``stop`` begins, ``submit`` raises ``RuntimeError`` and
         producers waiting for queue space are released with it.  Returns once
-        every accepted future is resolved.  Safe to call twice and when not
-        running; [start][] may be called again afterwards.
+        every accepted future is resolved.  Safe to call twice (each call keeps
+        its own ``timeout``) and when not running; [start][] may be called
+        again afterwards.
+
+        Awaited inside ``process_fn``, it cannot wait for the drain, which
+        includes the very batch that calls it: it begins the stop and returns
+        at once; that batch finishes when ``process_fn`` returns, then the rest
+        is drained as above (with ``timeout``, if given).
 
         Args:
             timeout: Seconds to drain before giving up: then ``process_fn`` calls
@@ -323,43 +481,79 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
                 with [BatcherStoppedError][].  None waits for the drain.
                 If the task calling ``stop`` is cancelled, the same happens at once.
         """
-        _check_optional_seconds("timeout", timeout, allow_zero=True)
+        seconds = _check_optional_seconds("timeout", timeout, allow_zero=True)
         if self._state is _NEW or self._state is _STOPPED:
             return
         self._check_loop()
         stopped = self._stopped
         assert stopped is not None
-        if self._state is _STOPPING:
-            await asyncio.shield(stopped)
-            return
+        if asyncio.current_task() in self._calls:
+            self._stop_from_process_fn(stopped, seconds)
+        elif self._state is _RUNNING:
+            self._begin_stop()
+            await self._drain(stopped, seconds)
+        else:
+            await self._join_stop(stopped, seconds)
+
+    def _begin_stop(self) -> None:
         self._state = _STOPPING
         self._release_all_waiters()
+
+    async def _drain(self, stopped: asyncio.Future[None], timeout: float | None) -> None:
+        """The first stop() of a run: let the loops finish every accepted record, or give up."""
+        tasks = self._tasks
         try:
-            _, unfinished = await asyncio.wait(self._tasks, timeout=timeout)
+            _, unfinished = await asyncio.wait(tasks, timeout=timeout)
             if unfinished:
-                self._abort(f"stop(timeout={timeout}) ran out of time before this record was processed")
-                await asyncio.wait(self._tasks)
+                self._abort(stopped, f"stop(timeout={timeout}) ran out of time")
+                await asyncio.wait(tasks)
         except asyncio.CancelledError:
-            self._abort("the task calling stop() was cancelled before this record was processed")
+            self._abort(stopped, "the task calling stop() was cancelled")
             raise
         finally:
-            self._finish_stop()
+            self._finish_stop(stopped)
 
-    def _finish_stop(self) -> None:
-        if self._state is not _STOPPED:
-            stats = self._rec
-            logger.info(
-                "%s stopped: %d records completed, %d failed, in %d batches",
-                type(self).__name__,
-                stats.completed,
-                stats.failed,
-                stats.batches,
-            )
+    async def _join_stop(self, stopped: asyncio.Future[None], timeout: float | None) -> None:
+        """A stop() while another drains: wait for it, with this call's own timeout and cancellation."""
+        try:
+            done, _ = await asyncio.wait((stopped,), timeout=timeout)
+            if not done:
+                self._abort(stopped, f"stop(timeout={timeout}) ran out of time")
+                await asyncio.wait((stopped,))
+        except asyncio.CancelledError:
+            self._abort(stopped, "the task calling stop() was cancelled")
+            raise
+
+    def _stop_from_process_fn(self, stopped: asyncio.Future[None], timeout: float | None) -> None:
+        """``await stop()`` inside ``process_fn``: begin the stop; a task of the batcher's own sees it through."""
+        if self._state is _RUNNING:
+            self._begin_stop()
+            work = self._drain(stopped, timeout)
+        elif timeout is not None:
+            work = self._join_stop(stopped, timeout)
+        else:
+            return  # a stop is under way already
+        loop = self._loop
+        assert loop is not None
+        task = loop.create_task(work, name=f"{type(self).__name__}-stop")
+        self._stoppers.add(task)
+        task.add_done_callback(self._stoppers.discard)
+
+    def _finish_stop(self, stopped: asyncio.Future[None]) -> None:
+        """End the run whose stop future is ``stopped`` (once; never a later run)."""
+        if stopped is not self._stopped or stopped.done():
+            return
+        stats = self._rec
+        logger.info(
+            "%s stopped: %d records completed, %d failed, in %d batches",
+            type(self).__name__,
+            stats.completed,
+            stats.failed,
+            stats.batches,
+        )
         self._state = _STOPPED
-        self._tasks = []
         self._release_all_waiters()
-        if self._stopped is not None:
-            _wake(self._stopped)
+        _wake(stopped)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -368,40 +562,54 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    def _abort(self, reason: str) -> None:
-        """Cancel the loops and fail every unresolved future, all at once."""
+    def _abort(self, stopped: asyncio.Future[None], reason: str, cause: BaseException | None = None) -> None:
+        """Cancel the run's loops and fail every unresolved future, all at once (once per run)."""
+        if stopped is not self._stopped or stopped.done() or self._aborting:
+            return
         self._aborting = True
-        self._stop_reason = reason
         for task in self._tasks:
             task.cancel()
         self._deadlines.clear()
-        self._fail(self._pending.clear())
-        for batch in list(self._out):
-            self._fail(batch.records)
+        self._fail(self._pending.clear(), reason, cause)
+        batches = list(self._out)
         self._out.clear()
+        for batch in batches:
+            self._fail(batch.records, reason, cause)
         self._sealed.clear()
         self._release_all_waiters()
 
-    def _loop_ended(self, task: asyncio.Task[None]) -> None:
-        """A loop task ended: if not by our own stop, fail everything now."""
-        if self._aborting or (not task.cancelled() and task.exception() is None):
+    def _end_run(self, stopped: asyncio.Future[None], reason: str, cause: BaseException | None) -> None:
+        """The run ends other than by stop(): fail everything now, and say why to later submits."""
+        if stopped is not self._stopped or stopped.done():
             return
-        if task.cancelled():  # not by us: the event loop is shutting down under a running batcher
-            self._orphaned = True
-            reason = "the event loop running the batcher cancelled its tasks (did asyncio.run() return?)"
-        else:
-            self._failure = task.exception()
-            logger.error("%s: an internal loop failed: %r", type(self).__name__, self._failure)
-            reason = f"an internal loop of the batcher failed ({self._failure!r})"
-        self._abort(f"{reason} before this record was processed")
-        self._finish_stop()
+        self._ended, self._failure = reason, cause
+        self._abort(stopped, reason, cause)
+        self._finish_stop(stopped)
 
-    def _fail(self, records: Sequence[Record[Any]]) -> None:
-        """Fail every unresolved future among ``records`` with BatcherStoppedError."""
+    def _loop_ended(self, stopped: asyncio.Future[None], task: asyncio.Task[None]) -> None:
+        """A loop task of the run ``stopped`` ended: unless by that run's own stop, fail everything now."""
+        error = None if task.cancelled() else task.exception()  # retrieved, even when it is ours to ignore
+        if stopped is not self._stopped or self._aborting or (error is None and not task.cancelled()):
+            return
+        if error is None:  # not by us: the event loop is shutting down under a running batcher
+            self._orphaned = True
+        else:
+            logger.error("%s: an internal loop failed: %r", type(self).__name__, error)
+        self._end_run(stopped, _explain(error), error)
+
+    def _stop_on(self, error: BaseException, where: str) -> None:
+        """``SystemExit`` or ``KeyboardInterrupt`` from user code: stop the batcher, failing every future."""
+        stopped = self._stopped
+        assert stopped is not None
+        logger.error("%s: %s raised %r; the batcher stops", type(self).__name__, where, error)
+        self._end_run(stopped, f"the batcher stopped because {where} raised {error!r}", error)
+
+    def _fail(self, records: Sequence[Record[Any]], reason: str, cause: BaseException | None = None) -> None:
+        """Fail every unresolved future among ``records`` with BatcherStoppedError saying ``reason``."""
         for rec in records:
             if not rec.done():
-                error = BatcherStoppedError(self._stop_reason)
-                error.__cause__ = self._failure
+                error = BatcherStoppedError(f"{reason} before this record was processed")
+                error.__cause__ = cause
                 rec.set_exception(error)
                 self._rec.failed += 1
 
@@ -410,11 +618,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             _wake_all(waiters)
 
     def _check_loop(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is not self._loop:
+        if _running_loop() is not self._loop:
             self._wrong_loop()
 
     def _wrong_loop(self) -> None:
@@ -427,21 +631,24 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             "or key the cache by event loop)."
         )
 
-    def _refuse(self) -> None:
-        """Raise the right error for a submit while not accepting records."""
-        if self._state is _RUNNING:
+    def _refuse(self, *, stopping: bool = False) -> None:
+        """Raise the right error for a submit while not accepting records (``stopping``: its run stopped)."""
+        name = type(self).__name__
+        if self._state is _RUNNING and not stopping:
             self._check_loop()
             return
-        name = type(self).__name__
-        if self._state is _STOPPING:
+        if self._state is _STOPPING or stopping:
             raise RuntimeError(f"{name} is not running: stop() has begun, so no new records are accepted.")
-        if self._orphaned:
-            self._wrong_loop()
-        if self._failure is not None:
-            raise RuntimeError(
-                f"{name} is not running: an internal loop failed ({self._failure!r}). Call start() again."
-            ) from self._failure
+        if self._ended is not None:
+            if self._orphaned and _running_loop() not in (None, self._loop):
+                self._wrong_loop()
+            raise RuntimeError(f"{name} is not running ({self._ended}). Call start() again.") from self._failure
         raise RuntimeError(f"{name} is not running. Call start() or use 'async with'.")
+
+    def _check_accepting(self, stopped: asyncio.Future[None] | None) -> None:
+        """After a wait inside a submit: raise if the run that the submit began in stopped accepting."""
+        if self._stopped is not stopped or self._state is not _RUNNING:
+            self._refuse(stopping=self._stopped is not stopped)  # else a new run began meanwhile
 
     # ------------------------------------------------------------------ submission
 
@@ -458,16 +665,17 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
                     break
             else:
                 return self._default_cost
-        if type(cost) is int and cost >= 0:
+        if type(cost) is int and 0 <= cost <= MAX_COST:
             return cost
         return bad_cost(cost, source)
 
     def _check_request(self, timeout_s: float | None, priority: int) -> float | None:
-        if type(priority) is not int:
-            _check_int("priority", priority, -sys.maxsize)
+        """Validate ``priority`` and ``timeout_s``; return the record's deadline in seconds, or None."""
+        if type(priority) is not int or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+            _check_int("priority", priority, MIN_PRIORITY, MAX_PRIORITY)
         if timeout_s is None:
             return self._request_timeout_s
-        return _check_seconds("timeout_s", timeout_s, allow_zero=False)
+        return _check_seconds("timeout_s", timeout_s, allow_zero=False, capped=True)
 
     def _enqueue(self, item: RecordT, cost: int, timeout_s: float | None, priority: int) -> asyncio.Future[ResultT]:
         loop = self._loop
@@ -525,7 +733,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         if self._state is not _RUNNING or asyncio.get_running_loop() is not self._loop:
             self._refuse()
         cost = self._cost(record, estimated_cost)
-        if timeout_s is None and type(priority) is int:
+        if timeout_s is None and type(priority) is int and MIN_PRIORITY <= priority <= MAX_PRIORITY:
             deadline = self._request_timeout_s  # the common case, without a call
         else:
             deadline = self._check_request(timeout_s, priority)
@@ -600,10 +808,13 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
     ) -> list[asyncio.Future[ResultT]]:
         """Submit several records; return one future per record, in order.
 
-        Costs are all checked before any record is queued.
+        All or nothing: every record is checked (costs, ``timeout_s``,
+        ``priority``) before any is queued, and the call waits until there is
+        room for all of them, then queues them at once.  If it raises or is
+        cancelled (``stop()`` began, say), no record was queued.
 
         Args:
-            records: The records.
+            records: The records, at most ``max_queue_size`` of them.
             estimated_cost: Their costs, a sequence as long as ``records``.
             timeout_s: As [submit][], for every record.
             priority: As [submit][], for every record.
@@ -612,35 +823,29 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             One future per record, in the order of ``records``.
 
         Raises:
-            ValueError: ``estimated_cost`` has another length than ``records``;
-                nothing was queued.
+            ValueError: ``estimated_cost`` has another length than ``records``,
+                or there are more records than ``max_queue_size`` (they could
+                never be queued at once); nothing was queued.
             RuntimeError: As [submit][].
-
-        All or nothing: if this raises or is cancelled while it waits for room
-        (``stop()`` began, say), the futures of the records it had already
-        queued are cancelled, so none of them is processed for a caller that
-        never received their futures.
         """
-        if estimated_cost is not None and len(estimated_cost) != len(records):
+        n = len(records)
+        if estimated_cost is not None and len(estimated_cost) != n:
             raise ValueError(
-                f"estimated_cost must have one entry per record: got {len(estimated_cost)} for {len(records)} records"
+                f"estimated_cost must have one entry per record: got {len(estimated_cost)} for {n} records"
             )
         if self._state is not _RUNNING or asyncio.get_running_loop() is not self._loop:
             self._refuse()
-        explicit: Sequence[int | None] = estimated_cost if estimated_cost is not None else [None] * len(records)
+        if n > self._max_queue_size:
+            raise ValueError(
+                f"submit_batch got {n} records, more than max_queue_size={self._max_queue_size}: they could never "
+                "be queued at once. Split the call, or raise max_queue_size."
+            )
+        explicit: Sequence[int | None] = estimated_cost if estimated_cost is not None else [None] * n
         costs = [self._cost(record, cost) for record, cost in zip(records, explicit, strict=True)]
         deadline = self._check_request(timeout_s, priority)
-        futures: list[asyncio.Future[ResultT]] = []
-        try:
-            for record, cost in zip(records, costs, strict=True):
-                if self._pending.size >= self._max_queue_size:
-                    await self._wait_for_room()
-                futures.append(self._enqueue(record, cost, deadline, priority))
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-        return futures
+        if self._pending.size + n > self._max_queue_size:
+            await self._wait_for_room(n)
+        return [self._enqueue(record, cost, deadline, priority) for record, cost in zip(records, costs, strict=True)]
 
     def submit_threadsafe(
         self,
@@ -655,11 +860,15 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         For synchronous code (a worker thread, a sync web handler) next to the
         event loop that runs the batcher.  Backpressure applies inside the loop;
         the returned future resolves to the result (or exception), and
-        cancelling it cancels the record.
+        cancelling it cancels the record.  It always resolves: if the event
+        loop stops, shuts down or closes before the record is processed, it
+        fails with [BatcherStoppedError][].
 
         Raises:
             RuntimeError: The batcher is not running, or this is called from the
                 batcher's own event-loop thread (use [submit][] there).
+            TypeError: A ``timeout_s`` or ``priority`` of the wrong type.
+            ValueError: A ``timeout_s`` or ``priority`` out of range.
         """
         loop = self._loop
         if self._state is not _RUNNING or loop is None:
@@ -667,12 +876,20 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         assert loop is not None
         if getattr(loop, "_thread_id", None) == threading.get_ident():
             raise RuntimeError("submit_threadsafe() was called on the batcher's own event loop; use submit()")
+        self._check_request(timeout_s, priority)  # bad arguments raise here, in the caller's thread
 
-        async def submit_and_wait() -> ResultT:
-            future = await self.submit(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
-            return await future
+        def submit() -> Coroutine[Any, Any, asyncio.Future[ResultT]]:
+            return self.submit(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
 
-        return asyncio.run_coroutine_threadsafe(submit_and_wait(), loop)
+        handoff = _Handoff(loop, submit, f"{type(self).__name__}-submit_threadsafe")
+        if loop.is_running():
+            try:
+                loop.call_soon_threadsafe(handoff.start)
+                return handoff.outcome
+            except RuntimeError:  # the loop closed just now
+                pass
+        handoff.stopped("the event loop running the batcher is not running (it stopped or closed without stop())")
+        return handoff.outcome
 
     def _expire(self, rec: Record[Any], timeout_s: float) -> None:
         """A waiting record's deadline came: it fails with ``TimeoutError`` and frees its place."""
@@ -691,14 +908,20 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             if self._room_waiters:
                 self._wake_room(1)
 
-    async def _wait_for_room(self) -> None:
+    async def _wait_for_room(self, n: int = 1) -> None:
+        """Wait until ``n`` more records fit in the queue; raise if this run stops accepting meanwhile."""
         loop = self._loop
         assert loop is not None
-        while self._pending.size >= self._max_queue_size:
-            if self._state is not _RUNNING:
-                self._refuse()
+        stopped = self._stopped
+        first = True
+        while self._pending.size + n > self._max_queue_size:
+            self._check_accepting(stopped)
             waiter = loop.create_future()
-            self._room_waiters.append(waiter)
+            if first:
+                self._room_waiters.append(waiter)
+            else:  # woken, but others took the room: keep this producer's place in line
+                self._room_waiters.appendleft(waiter)
+            first = False
             try:
                 await waiter
             except BaseException:
@@ -707,8 +930,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
                 elif self._pending.size < self._max_queue_size:
                     self._wake_room(1)  # we were woken but leave: pass the wake-up on
                 raise
-        if self._state is not _RUNNING:
-            self._refuse()
+        self._check_accepting(stopped)
 
     def _wake_room(self, n: int) -> None:
         waiters = self._room_waiters
@@ -793,7 +1015,8 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
                 self._sealed_changed()
         finally:
             self._sealing_done = True
-            self._sealed_changed()
+            if not loop.is_closed():  # else a closed loop is destroying this task: nobody is left to wake
+                self._sealed_changed()
 
     async def _window_slot(self) -> None:
         """``"window"``: one processing slot fed by the prefetch queue."""
@@ -854,6 +1077,7 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
             for rec in live:
                 rec.waiting = False  # dispatched: its deadline no longer applies
             if not live:
+                self._out.discard(batch)
                 return
             rec_stats = self._rec
             started = loop.time()
@@ -870,14 +1094,16 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
                 elapsed = loop.time() - started
                 rec_stats.busy_s += elapsed
                 rec_stats.process_times.append(elapsed)
-            self._out.discard(batch)  # every record is accounted for
+            self._out.discard(batch)  # every record is accounted for (or _abort failed them)
             if self._on_batch is not None:
                 oldest = min(rec.t for rec in live)
                 self._report(batch, counted, started, started - oldest, elapsed, error, dropped)
-        finally:
-            if batch in self._out:  # left early, and not already failed by _abort
+        except BaseException as exc:
+            if batch in self._out and not loop.is_closed():  # left early, and not already failed by _abort
                 self._out.discard(batch)
-                self._fail(batch.records)
+                cause = None if isinstance(exc, asyncio.CancelledError) else exc
+                self._fail(batch.records, _explain(cause), cause)
+            raise
 
     async def _call(self, live: list[Record[Any]]) -> BaseException | None:
         """Run ``process_fn`` in a task of its own (see ``_invoke``); return the batch's error."""
@@ -885,17 +1111,23 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         assert loop is not None
         try:
             awaitable = self._process_fn([rec.item for rec in live])
-        except Exception as exc:  # a plain function raised before returning an awaitable
-            return self._fail_with(live, exc)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            self._stop_on(exc, "process_fn")
+            raise
+        except BaseException as exc:  # process_fn raised before returning an awaitable: its own failure
+            return self._fail_with(live, _batch_error(exc, len(live)))
         # A task of its own, so that a process_fn that ignores cancellation cannot hold up stop().
         finished: asyncio.Future[None] = loop.create_future()
         task = loop.create_task(self._invoke(live, awaitable, finished))
+        self._calls.add(task)  # so that a stop() awaited inside process_fn knows where it is
         try:
             await finished  # set by the task itself as it ends: one hop less than a done-callback
         except asyncio.CancelledError:  # only ours (stop): nobody else sees ``finished``
             task.add_done_callback(_consume)
             task.cancel()
             raise
+        finally:
+            self._calls.discard(task)
         if not task.done():  # finished is set in the task's last step
             await asyncio.wait((task,))
         if task.cancelled():
@@ -903,13 +1135,13 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
                 live, BatchAbortedError(f"process_fn was cancelled (raised CancelledError) on a batch of {len(live)}")
             )
         error = task.exception()
-        if error is None:
-            return task.result()
-        if not isinstance(error, Exception):
-            wrapped = BatchAbortedError(f"process_fn raised {error!r} on a batch of {len(live)}")
-            wrapped.__cause__ = error
-            error = wrapped
-        return self._fail_with(live, error)
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            # asyncio has already raised it out of the event loop, from process_fn's task; here it stops the batcher
+            self._stop_on(error, "process_fn")
+            return error
+        if error is not None:
+            return self._fail_with(live, _batch_error(error, len(live)))
+        return task.result()
 
     async def _invoke(
         self, live: list[Record[Any]], awaitable: Awaitable[Any], finished: asyncio.Future[None]
@@ -976,8 +1208,25 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         )
         try:
             self._on_batch(info)
-        except Exception:
+        except (KeyboardInterrupt, SystemExit) as exc:
+            self._stop_on(exc, "on_batch")
+            raise
+        except BaseException:  # any other is the hook's own failure; a sync hook never receives our CancelledError
             logger.exception("%s: on_batch hook raised; ignored", type(self).__name__)
+
+
+def _batch_error(error: BaseException, size: int) -> BaseException:
+    """What a batch's futures get when ``process_fn`` raises ``error``.
+
+    An ``Exception`` as it is; any other ``BaseException`` (``CancelledError``,
+    ``GeneratorExit``, a custom one) wrapped in [BatchAbortedError][], as a
+    caller's future must not look cancelled or interrupted itself.
+    """
+    if isinstance(error, Exception):
+        return error
+    wrapped = BatchAbortedError(f"process_fn raised {error!r} on a batch of {size}")
+    wrapped.__cause__ = error
+    return wrapped
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

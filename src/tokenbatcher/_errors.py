@@ -14,16 +14,20 @@ class BatcherStoppedError(RuntimeError):
     """The batcher stopped before this record could be processed.
 
     Set on every future still unresolved when ``stop(timeout=...)`` runs out of
-    time, when the task calling ``stop()`` is cancelled, or when an internal loop
-    of the batcher fails.
+    time, when the task calling ``stop()`` is cancelled, when an internal loop
+    of the batcher fails, when ``process_fn`` or the ``on_batch`` hook raises
+    ``SystemExit`` or ``KeyboardInterrupt``, or when the event loop shuts down
+    under a running batcher.  Its message says which, and ``__cause__`` holds
+    the exception, if one ended the batcher.
     """
 
 
 class BatchAbortedError(RuntimeError):
     """``process_fn`` ended with a ``BaseException`` that is not an ``Exception``.
 
-    ``asyncio.CancelledError``, ``KeyboardInterrupt`` and the like are never set
+    ``asyncio.CancelledError``, ``GeneratorExit`` and the like are never set
     on a caller's future as they are (that would look as if the caller had been
     cancelled); the batch's futures get this error instead, with the original
-    as ``__cause__``.
+    as ``__cause__``.  ``SystemExit`` and ``KeyboardInterrupt`` are not the
+    batch's failure: they stop the batcher (see [BatcherStoppedError][]).
     """

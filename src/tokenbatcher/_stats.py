@@ -12,7 +12,9 @@ from collections import deque
 from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypeVar
+
+T = TypeVar("T")
 
 DispatchReason: TypeAlias = Literal["budget", "max_size", "timeout", "free_slot", "shutdown"]
 """Why a batch was closed: its cost budget was full, it reached ``max_batch_size``,
@@ -21,6 +23,25 @@ its ``batch_timeout_s`` ran out (``"window"``), a processing slot was free
 
 WINDOW = 1024
 """How many recent values each sliding window keeps."""
+
+COPY_TRIES = 100
+"""How often [copied][] tries before it gives up on a container that keeps changing."""
+
+
+def copied(container: Iterable[T]) -> list[T]:
+    """A list copy of a container that the event loop may change meanwhile.
+
+    Stats are read from other threads (a metrics scraper).  A copy that meets
+    a change made by the loop's thread fails with "deque mutated during
+    iteration" (or "... changed size ..."): try again.  In the unlikely case
+    that the loop never holds still, an empty list: reading stats never raises.
+    """
+    for _ in range(COPY_TRIES):
+        try:
+            return list(iter(container))  # iter() first: list() would call a Python __len__ mid-copy
+        except RuntimeError:
+            continue
+    return []
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,31 +223,49 @@ class Recorder:
         self.sizes.append(size)
         self.costs.append(counted_cost)
 
-    def snapshot(self, *, submitted: int, queue_depth: int, peak_queue_depth: int, in_flight: int) -> BatchStats:
-        """Freeze the counters, with the numbers the batcher keeps elsewhere."""
+    def resolved(self) -> tuple[int, int, int, int]:
+        """``(completed, failed, cancelled, expired)``, read before the numbers given to [snapshot][]."""
+        return self.completed, self.failed, self.cancelled, self.expired
+
+    def snapshot(
+        self,
+        resolved: tuple[int, int, int, int],
+        *,
+        submitted: int,
+        queue_depth: int,
+        peak_queue_depth: int,
+        in_flight: int,
+    ) -> BatchStats:
+        """Freeze the counters, with the numbers the batcher keeps elsewhere.
+
+        ``resolved`` comes from [resolved][], read first, and ``submitted`` is
+        read last.  A record is counted as submitted before it can resolve, so
+        in this order no record is counted twice and ``pending`` is never
+        negative, even when read from another thread while the loop runs.
+        """
+        completed, failed, cancelled, expired = resolved
+        pending = submitted - completed - failed - cancelled - expired
         n = self.batches
-        cancelled = self.cancelled
-        pending = submitted - self.completed - self.failed - cancelled - self.expired
         return BatchStats(
             total_submitted=submitted,
-            total_completed=self.completed,
+            total_completed=completed,
             total_batches=n,
             total_batch_cost=self.batch_cost_sum,
             avg_batch_size=self.batch_size_sum / n if n else 0.0,
             avg_batch_cost=self.batch_cost_sum / n if n else 0.0,
             busy_time_s=self.busy_s,
             idle_time_s=self.idle_s,
-            total_failed=self.failed,
+            total_failed=failed,
             total_cancelled=cancelled,
-            total_expired=self.expired,
+            total_expired=expired,
             total_rejected=self.rejected,
             pending=pending,
             queue_depth=queue_depth,
             peak_queue_depth=peak_queue_depth,
             in_flight_batches=in_flight,
-            batch_size=Percentiles.of(self.sizes),
-            batch_cost=Percentiles.of(self.costs),
-            process_time_s=Percentiles.of(self.process_times),
-            queue_wait_s=Percentiles.of(self.waits),
-            dispatch_reasons=MappingProxyType(dict(self.reasons)),
+            batch_size=Percentiles.of(copied(self.sizes)),
+            batch_cost=Percentiles.of(copied(self.costs)),
+            process_time_s=Percentiles.of(copied(self.process_times)),
+            queue_wait_s=Percentiles.of(copied(self.waits)),
+            dispatch_reasons=MappingProxyType(dict(copied(self.reasons.items()))),
         )

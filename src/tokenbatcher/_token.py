@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 from collections.abc import Callable, Sequence
 
-from ._batcher import DynamicBatcher, bad_cost
+from ._batcher import MAX_COST, DynamicBatcher, bad_cost
 from ._stats import BatchInfo
 from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, ProcessFn, RecordT, ResultT
 
@@ -207,6 +207,6 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
 
 
 def _tokens(value: object) -> int:
-    if type(value) is int and value >= 0:
+    if type(value) is int and 0 <= value <= MAX_COST:
         return value
     return bad_cost(value, "estimated_tokens")
