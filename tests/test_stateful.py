@@ -238,6 +238,14 @@ class BatcherMachine(RuleBasedStateMachine):
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             return pool.submit(fn).result(timeout=30)
 
+    def threads_in_flight(self) -> int:
+        """How many submit_threadsafe records are on their way in: handed to the loop, not yet accepted."""
+        assert self.batcher is not None
+        settled = [rec for rec in self.recs.values() if not rec.threaded or rec.future.done()]
+        known_accepted = sum(1 for rec in settled if not refused(rec.future))
+        unsettled = len(self.recs) - len(settled)
+        return unsettled - (self.batcher.stats.total_submitted - known_accepted)
+
     def settle_threaded(self) -> None:
         """Let the loop run until every threaded future has settled (they lag their records by a callback)."""
         for _ in range(10):
@@ -327,7 +335,8 @@ class BatcherMachine(RuleBasedStateMachine):
             with pytest.raises(RuntimeError, match="not running"):
                 self.run(b.submit(item, estimated_cost=cost, timeout_s=timeout_s, priority=priority))
             return
-        full_before = self.queue_full()
+        # A threaded submission still on its way in may take the room first.
+        may_wait = self.queue_full() or self.threads_in_flight() > 0
 
         async def go() -> bool:
             try:
@@ -336,10 +345,10 @@ class BatcherMachine(RuleBasedStateMachine):
                 return False
             return True
 
-        if wait == 0.0 and full_before:
+        if wait == 0.0 and may_wait:
             return  # it could wait forever (a hung process_fn); submit_nowait covers this case
         if not self.run(go()):
-            assert full_before, "submit waited although the queue had room"
+            assert may_wait, "submit waited although the queue had room"
             assert item.rid not in self.recs, "submit timed out, yet the record was accepted"
 
     @rule(cost=st.integers(0, 12), timeout_s=TIMEOUTS, priority=st.integers(-2, 2))
@@ -387,7 +396,7 @@ class BatcherMachine(RuleBasedStateMachine):
             with pytest.raises(error, match=match):
                 self.run(b.submit_batch(items, estimated_cost=costs, timeout_s=timeout_s, priority=priority))
             return
-        fits = b.stats.queue_depth + len(items) <= self.config["max_queue_size"]
+        fits = b.stats.queue_depth + len(items) <= self.config["max_queue_size"] and not self.threads_in_flight()
 
         async def go() -> bool:
             try:

@@ -9,6 +9,11 @@ processing slots run ``process_fn``; ``_run`` is where results reach futures.
 Every record that leaves the queue belongs to a ``_Batch`` registered in
 ``self._out`` until its futures are resolved, so stopping, aborting or a
 failing loop can always reach every unresolved future.
+
+A run lasts from ``start`` until its stop or failure ends it, and is known by
+its ``_stopped`` future: stopping, aborting and the loops' done-callbacks act
+only on their own run, and ``start`` first waits for the last run's loops, so
+nothing of one run touches the next.
 """
 
 from __future__ import annotations
@@ -67,9 +72,8 @@ class _Handoff(Generic[ResultT]):
     ``outcome`` is the caller's ``concurrent.futures.Future``.  It settles
     exactly once: with the record's result or exception; cancelled, if its
     caller cancels it (which cancels the record); or with
-    [BatcherStoppedError][] if the event loop stops, shuts down or closes
-    first -- even with this hand-off still scheduled on it, as then the
-    hand-off is dropped unsettled, and ``__del__`` settles it.
+    [BatcherStoppedError][] if the event loop shuts down first -- also when
+    a closing loop drops this hand-off unrun, as then ``__del__`` settles it.
     """
 
     __slots__ = ("_loop", "_name", "_record", "_settled", "_submit", "_task", "outcome")
@@ -860,9 +864,10 @@ class DynamicBatcher(Generic[RecordT, ResultT]):
         For synchronous code (a worker thread, a sync web handler) next to the
         event loop that runs the batcher.  Backpressure applies inside the loop;
         the returned future resolves to the result (or exception), and
-        cancelling it cancels the record.  It always resolves: if the event
-        loop stops, shuts down or closes before the record is processed, it
-        fails with [BatcherStoppedError][].
+        cancelling it cancels the record.  If the event loop is not running,
+        shuts down (``asyncio.run`` returns) before the record is processed, or
+        closes before it took the record in, the future fails with
+        [BatcherStoppedError][] rather than waiting forever.
 
         Raises:
             RuntimeError: The batcher is not running, or this is called from the
