@@ -6,7 +6,8 @@ import asyncio
 import concurrent.futures
 from collections.abc import Callable, Sequence
 
-from ._batcher import MAX_COST, DynamicBatcher, bad_cost
+from ._batcher import DynamicBatcher
+from ._settings import MAX_COST, bad_cost
 from ._stats import BatchInfo
 from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, ProcessFn, RecordT, ResultT
 

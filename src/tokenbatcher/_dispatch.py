@@ -1,0 +1,185 @@
+"""When a batch leaves the queue, and which processing slot runs it.
+
+A dispatch strategy answers one question, over and over: the queue changed or
+a slot became free -- what is taken now?  Each is a small class behind the
+same interface (``Strategy``): ``loops()`` gives the coroutines a run needs,
+``release()`` wakes whatever its loops wait on so they look at the state
+again, and ``abort()`` lets go of batches it holds (their futures are failed
+by the lifecycle, which reaches them through ``_out``).  A new strategy is a
+new class here, not new branches in the engine.
+
+* [Window][]: flyte's timing.  One aggregation loop fills a batch for up to
+  ``batch_timeout_s`` after its first record (or until it is full) and seals
+  it into a bounded prefetch queue of ``prefetch_batches``; processing slots
+  take sealed batches from there.
+* [Eager][]: each processing slot forms its batch the moment it is free, from
+  whatever is queued (waiting for ``min_batch_size`` records at most
+  ``batch_timeout_s`` after the oldest arrived); while every slot is busy the
+  queue keeps growing toward a full batch.
+
+Owns: the loops' timing.  Must not touch: the queue's order (``_pending.py``)
+or how a batch is run (``_processing.py``).
+"""
+
+# A strategy is the engine's friend: it reads the shared state of Core directly.
+# pyright: reportPrivateUsage=false
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import sys
+from collections import deque
+from collections.abc import Coroutine
+from typing import Any
+
+from ._core import Batch, Core, wake_all
+from ._lifecycle import RUNNING
+from ._stats import DispatchReason
+
+
+class Strategy(abc.ABC):
+    """The interface of a dispatch strategy (see the module docstring)."""
+
+    def __init__(self, batcher: Core[Any, Any]) -> None:
+        self._b = batcher
+
+    @abc.abstractmethod
+    def loops(self) -> list[Coroutine[Any, Any, None]]:
+        """The coroutines one run of the batcher needs, fresh for each run."""
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Wake whatever the loops wait on (besides arrivals), so they look at the state again."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Let go of every batch held (their futures are failed through ``_out``)."""
+
+
+class Window(Strategy):
+    """``dispatch="window"``: fill for up to ``batch_timeout_s``, seal into the prefetch queue."""
+
+    def __init__(self, batcher: Core[Any, Any]) -> None:
+        super().__init__(batcher)
+        self._prefetch = batcher._settings.prefetch_batches
+        self._sealed: deque[Batch] = deque()  # the prefetch queue
+        self._sealing_done = False
+        self._sealed_waiters: list[asyncio.Future[None]] = []
+
+    def loops(self) -> list[Coroutine[Any, Any, None]]:
+        self._sealing_done = False
+        slots = self._b._settings.max_concurrent_batches
+        return [self._aggregate(), *(self._window_slot() for _ in range(slots))]
+
+    def release(self) -> None:
+        wake_all(self._sealed_waiters)
+
+    def abort(self) -> None:
+        self._sealed.clear()
+
+    async def _wait_sealed(self) -> None:
+        loop = self._b._loop
+        assert loop is not None
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._sealed_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._sealed_waiters:
+                self._sealed_waiters.remove(waiter)
+
+    def _sealed_changed(self) -> None:
+        wake_all(self._sealed_waiters)
+
+    async def _aggregate(self) -> None:
+        """Seal batches into the prefetch queue, as flyte does."""
+        b = self._b
+        loop = b._loop
+        assert loop is not None
+        pending = b._pending
+        try:
+            while True:
+                while not len(pending):
+                    if b._state is not RUNNING:
+                        return
+                    await b._wait_arrivals(1, None)
+                reason: DispatchReason = "timeout"
+                deadline = loop.time() + b._settings.batch_timeout_s
+                while not pending.full:
+                    if b._state is not RUNNING:
+                        reason = "shutdown"
+                        break
+                    if loop.time() >= deadline:
+                        break
+                    await b._wait_arrivals(sys.maxsize, deadline)
+                batch = b._take(reason)
+                if batch is None:
+                    continue
+                while len(self._sealed) >= self._prefetch:
+                    await self._wait_sealed()
+                self._sealed.append(batch)
+                self._sealed_changed()
+        finally:
+            self._sealing_done = True
+            if not loop.is_closed():  # else a closed loop is destroying this task: nobody is left to wake
+                self._sealed_changed()
+
+    async def _window_slot(self) -> None:
+        """One processing slot fed by the prefetch queue."""
+        b = self._b
+        loop = b._loop
+        assert loop is not None
+        while True:
+            waited_from = loop.time()
+            while not self._sealed:
+                if self._sealing_done:
+                    b._rec.idle_s += loop.time() - waited_from
+                    return
+                await self._wait_sealed()
+            batch = self._sealed.popleft()
+            self._sealed_changed()
+            b._rec.idle_s += loop.time() - waited_from
+            await b._run(batch)
+
+
+class Eager(Strategy):
+    """``dispatch="eager"``: a slot forms its batch the moment it is free."""
+
+    def loops(self) -> list[Coroutine[Any, Any, None]]:
+        return [self._eager_slot() for _ in range(self._b._settings.max_concurrent_batches)]
+
+    def release(self) -> None:
+        pass  # its slots wait only for arrivals, which the batcher wakes itself
+
+    def abort(self) -> None:
+        pass  # it holds no batch: a slot's batch is in _out from the moment it is taken
+
+    async def _eager_slot(self) -> None:
+        """One processing slot that forms its batch when it is free."""
+        b = self._b
+        loop = b._loop
+        assert loop is not None
+        pending = b._pending
+        while True:
+            waited_from = loop.time()
+            batch: Batch | None = None
+            while batch is None:
+                if not len(pending):
+                    if b._state is not RUNNING:
+                        b._rec.idle_s += loop.time() - waited_from
+                        return
+                    await b._wait_arrivals(1, None)
+                    continue
+                reason: DispatchReason = "free_slot"
+                if b._state is not RUNNING:
+                    reason = "shutdown"
+                elif len(pending) < b._settings.min_batch_size and not pending.full:
+                    deadline = pending.oldest_time() + b._settings.batch_timeout_s
+                    if loop.time() < deadline:
+                        await b._wait_arrivals(b._settings.min_batch_size, deadline)
+                        continue
+                    reason = "timeout"
+                batch = b._take(reason)
+            b._rec.idle_s += loop.time() - waited_from
+            await b._run(batch)

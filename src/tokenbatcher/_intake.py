@@ -1,0 +1,323 @@
+"""How records come in: ``submit`` and its siblings validate, price and queue.
+
+Every way in shares one path: the record's cost is found (``_cost``), its
+``timeout_s`` and ``priority`` are checked (``_check_request``), the caller
+waits for room if it may (``_wait_for_room``) or is refused, and the record
+is queued (``_enqueue``): pushed into the queue, given its deadline, and the
+loops waiting for arrivals are woken when enough has arrived.  Nothing is
+queued or counted before every check has passed.
+
+A queued record is its own future (``Record``).  When its caller cancels it,
+or its deadline passes, it leaves the queue's count at once and a producer
+waiting for room is let in (``_cancelled``, ``_expire``).
+
+Owns: accepting records.  Must not touch: how batches are formed or run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from ._core import Core
+from ._errors import QueueFullError
+from ._handoff import Handoff
+from ._lifecycle import RUNNING
+from ._pending import Record
+from ._settings import MAX_COST, MAX_PRIORITY, MIN_PRIORITY, bad_cost, check_int, check_seconds
+from ._types import RecordT, ResultT
+
+
+class Intake(Core[RecordT, ResultT]):
+    """Accepting records (mixed into DynamicBatcher)."""
+
+    _estimator_name = "cost_estimator"
+    _cost_name = "estimated_cost"
+    _probe_names: tuple[str, ...] = ("estimate_cost",)
+    """The record methods that price a record, in order of precedence."""
+    _cancel_hook: Callable[[Record[Any]], None]
+    """``_cancelled``, bound once: every record's cancel hook."""
+
+    def _cost(self, record: RecordT, explicit: object) -> int:
+        if explicit is not None:
+            cost, source = explicit, self._cost_name
+        elif self._estimator is not None:
+            cost, source = self._estimator(record), self._estimator_name
+        else:
+            for name in self._probe_names:
+                method = getattr(record, name, None)
+                if method is not None:
+                    cost, source = method(), f"{type(record).__name__}.{name}()"
+                    break
+            else:
+                return self._default_cost
+        if type(cost) is int and 0 <= cost <= MAX_COST:
+            return cost
+        return bad_cost(cost, source)
+
+    def _check_request(self, timeout_s: float | None, priority: int) -> float | None:
+        """Validate ``priority`` and ``timeout_s``; return the record's deadline in seconds, or None."""
+        if type(priority) is not int or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+            check_int("priority", priority, MIN_PRIORITY, MAX_PRIORITY)
+        if timeout_s is None:
+            return self._request_timeout_s
+        return check_seconds("timeout_s", timeout_s, allow_zero=False, capped=True)
+
+    def _enqueue(self, item: RecordT, cost: int, timeout_s: float | None, priority: int) -> asyncio.Future[ResultT]:
+        loop = self._loop
+        assert loop is not None
+        rec: Record[ResultT] = Record(loop=loop)
+        rec.item = item
+        rec.cost = cost
+        rec.t = now = loop.time()
+        rec.key = now + priority * self._aging_s if priority else now
+        self._seq += 1
+        rec.seq = self._seq
+        rec.hook = self._cancel_hook
+        rec.waiting = True
+        pending = self._pending
+        pending.push(rec)
+        if timeout_s is not None:
+            self._deadlines.add(loop, rec, timeout_s, pending.size)
+        if self._arrival_waiters and (pending.size >= self._wake_need or pending.full):
+            self._wake_arrivals()
+        return rec
+
+    async def submit(
+        self,
+        record: RecordT,
+        *,
+        estimated_cost: int | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> asyncio.Future[ResultT]:
+        """Queue one record; return the future of its result.
+
+        Waits while the queue holds ``max_queue_size`` records (backpressure).
+        The record's cost is, the first that applies: ``estimated_cost``;
+        ``cost_estimator(record)``; ``record.estimate_cost()``; ``default_cost``.
+
+        Args:
+            record: The record to process.
+            estimated_cost: Its cost, a non-negative ``int``.
+            timeout_s: A deadline in seconds (default ``request_timeout_s``): if
+                the record is still queued then, it is never processed and its
+                future fails with ``TimeoutError``.
+            priority: A lower value is dispatched first; with ``grouping="fifo"``,
+                FIFO within a priority; aged by ``priority_aging_s`` so no
+                record starves.
+
+        Returns:
+            A future resolving to this record's entry of ``process_fn``'s result.
+
+        Raises:
+            RuntimeError: The batcher is not running (or is stopping, or runs on
+                another event loop).
+            TypeError: A cost, ``timeout_s`` or ``priority`` of the wrong type.
+            ValueError: A negative cost or a non-positive ``timeout_s``.
+        """
+        if self._state is not RUNNING or asyncio.get_running_loop() is not self._loop:
+            self._refuse()
+        cost = self._cost(record, estimated_cost)
+        if timeout_s is None and type(priority) is int and MIN_PRIORITY <= priority <= MAX_PRIORITY:
+            deadline = self._request_timeout_s  # the common case, without a call
+        else:
+            deadline = self._check_request(timeout_s, priority)
+        if self._pending.size >= self._max_queue_size:
+            await self._wait_for_room()
+        return self._enqueue(record, cost, deadline, priority)
+
+    async def call(
+        self,
+        record: RecordT,
+        *,
+        estimated_cost: int | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> ResultT:
+        """Submit one record and await its result: the one-await form of [submit][].
+
+        ``await batcher.call(record)`` is ``await (await batcher.submit(record))``.
+        Cancelling the call withdraws the record.  Takes the arguments of
+        [submit][] and raises what it raises, and whatever the record's
+        future fails with (``process_fn``'s exception, ``TimeoutError``, ...).
+
+        Examples:
+            >>> import asyncio
+            >>> from tokenbatcher import DynamicBatcher
+            >>> async def double(batch: list[int]) -> list[int]:
+            ...     return [2 * x for x in batch]
+            >>> async def main() -> list[int]:
+            ...     async with DynamicBatcher(double) as batcher:
+            ...         return await asyncio.gather(*(batcher.call(x) for x in range(3)))
+            >>> asyncio.run(main())
+            [0, 2, 4]
+        """
+        future = await self.submit(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
+        return await future
+
+    def submit_nowait(
+        self,
+        record: RecordT,
+        *,
+        estimated_cost: int | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> asyncio.Future[ResultT]:
+        """Like [submit][], but never waits: a full queue raises instead.
+
+        Call it from the batcher's event loop (a plain, non-async method).
+
+        Raises:
+            QueueFullError: The queue holds ``max_queue_size`` records; the
+                record was not accepted (and is counted in ``total_rejected``).
+            RuntimeError: As [submit][].
+        """
+        if self._state is not RUNNING or asyncio.get_running_loop() is not self._loop:
+            self._refuse()
+        cost = self._cost(record, estimated_cost)
+        deadline = self._check_request(timeout_s, priority)
+        if self._pending.size >= self._max_queue_size:
+            self._rec.rejected += 1
+            raise QueueFullError(
+                f"{type(self).__name__} queue is full ({self._max_queue_size} records, max_queue_size); record rejected"
+            )
+        return self._enqueue(record, cost, deadline, priority)
+
+    async def submit_batch(
+        self,
+        records: Sequence[RecordT],
+        *,
+        estimated_cost: Sequence[int] | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> list[asyncio.Future[ResultT]]:
+        """Submit several records; return one future per record, in order.
+
+        All or nothing: every record is checked (costs, ``timeout_s``,
+        ``priority``) before any is queued, and the call waits until there is
+        room for all of them, then queues them at once.  If it raises or is
+        cancelled (``stop()`` began, say), no record was queued.
+
+        Args:
+            records: The records, at most ``max_queue_size`` of them.
+            estimated_cost: Their costs, a sequence as long as ``records``.
+            timeout_s: As [submit][], for every record.
+            priority: As [submit][], for every record.
+
+        Returns:
+            One future per record, in the order of ``records``.
+
+        Raises:
+            ValueError: ``estimated_cost`` has another length than ``records``,
+                or there are more records than ``max_queue_size`` (they could
+                never be queued at once); nothing was queued.
+            RuntimeError: As [submit][].
+        """
+        n = len(records)
+        if estimated_cost is not None and len(estimated_cost) != n:
+            raise ValueError(
+                f"estimated_cost must have one entry per record: got {len(estimated_cost)} for {n} records"
+            )
+        if self._state is not RUNNING or asyncio.get_running_loop() is not self._loop:
+            self._refuse()
+        if n > self._max_queue_size:
+            raise ValueError(
+                f"submit_batch got {n} records, more than max_queue_size={self._max_queue_size}: they could never "
+                "be queued at once. Split the call, or raise max_queue_size."
+            )
+        explicit: Sequence[int | None] = estimated_cost if estimated_cost is not None else [None] * n
+        costs = [self._cost(record, cost) for record, cost in zip(records, explicit, strict=True)]
+        deadline = self._check_request(timeout_s, priority)
+        if self._pending.size + n > self._max_queue_size:
+            await self._wait_for_room(n)
+        return [self._enqueue(record, cost, deadline, priority) for record, cost in zip(records, costs, strict=True)]
+
+    def submit_threadsafe(
+        self,
+        record: RecordT,
+        *,
+        estimated_cost: int | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> concurrent.futures.Future[ResultT]:
+        """Submit from another thread; return a ``concurrent.futures.Future``.
+
+        For synchronous code (a worker thread, a sync web handler) next to the
+        event loop that runs the batcher.  Backpressure applies inside the loop;
+        the returned future resolves to the result (or exception), and
+        cancelling it cancels the record.  If the event loop is not running,
+        shuts down (``asyncio.run`` returns) before the record is processed, or
+        closes before it took the record in, the future fails with
+        [BatcherStoppedError][] rather than waiting forever.
+
+        Raises:
+            RuntimeError: The batcher is not running, or this is called from the
+                batcher's own event-loop thread (use [submit][] there).
+            TypeError: A ``timeout_s`` or ``priority`` of the wrong type.
+            ValueError: A ``timeout_s`` or ``priority`` out of range.
+        """
+        loop = self._loop
+        if self._state is not RUNNING or loop is None:
+            self._refuse()
+        assert loop is not None
+        if getattr(loop, "_thread_id", None) == threading.get_ident():
+            raise RuntimeError("submit_threadsafe() was called on the batcher's own event loop; use submit()")
+        self._check_request(timeout_s, priority)  # bad arguments raise here, in the caller's thread
+
+        def submit() -> Coroutine[Any, Any, asyncio.Future[ResultT]]:
+            return self.submit(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
+
+        handoff = Handoff(loop, submit, f"{type(self).__name__}-submit_threadsafe")
+        if loop.is_running():
+            try:
+                loop.call_soon_threadsafe(handoff.start)
+                return handoff.outcome
+            except RuntimeError:  # the loop closed just now
+                pass
+        handoff.stopped("the event loop running the batcher is not running (it stopped or closed without stop())")
+        return handoff.outcome
+
+    def _expire(self, rec: Record[Any], timeout_s: float) -> None:
+        """A waiting record's deadline came: it fails with ``TimeoutError`` and frees its place."""
+        rec.set_exception(TimeoutError(f"record waited {timeout_s}s in the queue (timeout_s) and was not processed"))
+        self._rec.expired += 1
+        if rec.queued:  # else it is in a sealed batch, which drops it at dispatch
+            self._pending.forget(rec)
+            if self._room_waiters:
+                self._wake_room(1)
+
+    def _cancelled(self, rec: Record[Any]) -> None:
+        """A caller cancelled its record's future: count it; if still queued, free its place."""
+        self._rec.cancelled += 1
+        if rec.queued:
+            self._pending.forget(rec)
+            if self._room_waiters:
+                self._wake_room(1)
+
+    async def _wait_for_room(self, n: int = 1) -> None:
+        """Wait until ``n`` more records fit in the queue; raise if this run stops accepting meanwhile."""
+        loop = self._loop
+        assert loop is not None
+        stopped = self._stopped
+        first = True
+        while self._pending.size + n > self._max_queue_size:
+            self._check_accepting(stopped)
+            waiter = loop.create_future()
+            if first:
+                self._room_waiters.append(waiter)
+            else:  # woken, but others took the room: keep this producer's place in line
+                self._room_waiters.appendleft(waiter)
+            first = False
+            try:
+                await waiter
+            except BaseException:
+                if waiter in self._room_waiters:
+                    self._room_waiters.remove(waiter)
+                elif self._pending.size < self._max_queue_size:
+                    self._wake_room(1)  # we were woken but leave: pass the wake-up on
+                raise
+        self._check_accepting(stopped)
