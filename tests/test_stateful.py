@@ -130,6 +130,7 @@ class BatcherMachine(RuleBasedStateMachine):
         self.step = "init"
         self.problems: list[str] = []
         self.next_id = 0
+        self.thread = concurrent.futures.ThreadPoolExecutor(1)  # the real thread of the threaded rules
 
     # ------------------------------------------------------------------ helpers
 
@@ -235,8 +236,7 @@ class BatcherMachine(RuleBasedStateMachine):
 
     def in_thread(self, fn: Any) -> Any:
         """Run ``fn`` in a real thread while the event loop is blocked: no virtual time passes meanwhile."""
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(fn).result(timeout=30)
+        return self.thread.submit(fn).result(timeout=30)
 
     def threads_in_flight(self) -> int:
         """How many submit_threadsafe records are on their way in: handed to the loop, not yet accepted."""
@@ -461,13 +461,12 @@ class BatcherMachine(RuleBasedStateMachine):
                 if finished.is_set():
                     return
 
-        thread = threading.Thread(target=reader)
-        thread.start()
+        reading = self.thread.submit(reader)
         try:
             self.run(asyncio.sleep(dt))
         finally:
             finished.set()
-            thread.join(timeout=30)
+            reading.result(timeout=30)
         self.problems.extend(seen)
 
     @rule(data=st.data())
@@ -757,6 +756,7 @@ class BatcherMachine(RuleBasedStateMachine):
                 assert self.batcher.stats.pending == 0
                 self.no_problems()
         finally:
+            self.thread.shutdown()
             logging.getLogger("tokenbatcher").removeHandler(self.errors)
             leftovers = [t for t in asyncio.all_tasks(loop) if not t.done()]
             for task in leftovers:
