@@ -13,7 +13,9 @@ Endpoints:
 * ``POST /generate`` ``{"prompt": "...", "max_tokens": 32}`` -> server-sent
   events, one ``data: {"index": i, "token": "..."}`` per token as it is decoded,
   then ``event: done``.  A simulated LLM decodes every live sequence in one
-  batched step whose time grows with the batch.
+  batched step whose time grows with the batch.  Each step of each sequence
+  is one record today; ``Generator.tokens`` says what becomes
+  ``submit_stream`` once tokenbatcher can stream.
 * ``GET /metrics``: Prometheus text (through ``prometheus_client`` when it is
   installed, else written by hand in the same format).
 * ``GET /stats``: JSON of both batchers' ``BatchStats`` and the models' counters.
@@ -776,11 +778,11 @@ ROUTES = ("/embed", "/generate", "/metrics", "/stats", "/healthz")
 
 
 class Gate:
-    """Pure ASGI middleware in front of FastAPI: a body over the limit gets 413 before anything parses it;
-    every response is counted by route and status.
+    """ASGI middleware in front of FastAPI: bodies over the limit get 413, every response is counted.
 
-    The body is read here, whole, and handed on; after it, the app's
-    ``receive`` is the server's own, so a disconnect still reaches the endpoint.
+    The body is read here, whole, before anything parses it, and handed on;
+    after it, the app's ``receive`` is the server's own, so a disconnect still
+    reaches the endpoint.
     """
 
     def __init__(self, app: Any, *, max_body_bytes: int, counters: HttpCounters) -> None:
@@ -982,8 +984,12 @@ def _use_prometheus_client(settings: Settings) -> bool:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, plus: the first SIGTERM/SIGINT turns new requests away with 503 at once
-    (uvicorn stops listening only at its next tick), and the bound address is printed when ready."""
+    """uvicorn's server, which also turns new requests away from the first SIGTERM or SIGINT on.
+
+    uvicorn stops listening only at its next tick (up to 0.1 s later): until
+    then new requests get 503.  It also prints the address it listens on when
+    ready (``--port 0`` picks a free port).
+    """
 
     def __init__(self, config: uvicorn.Config, service: Service) -> None:
         super().__init__(config)

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import random
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -180,18 +182,29 @@ class Point:
 async def run_clients(
     url: str, clients: int, texts: Sequence[str], duration_s: float
 ) -> tuple[float, list[float], int]:
-    """``clients`` closed-loop clients for ``duration_s``: (seconds, latencies of the 200s, other answers)."""
+    """``clients`` closed-loop clients for ``duration_s``: (seconds, latencies of the 200s, other answers).
+
+    Each client has an ``httpx.AsyncClient`` of its own with one connection,
+    made before the clock starts: one shared pool of many connections costs
+    the load generator so much CPU when many answers arrive at once (as they
+    do from a batch) that it, not the server, would set the pace.
+    """
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     other = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0) as client:
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    tls = ssl.create_default_context()  # unused over http://, but each client would load the CA store again
+    async with contextlib.AsyncExitStack() as stack:
+        pool = [
+            await stack.enter_async_context(httpx.AsyncClient(base_url=url, limits=limits, timeout=60.0, verify=tls))
+            for _ in range(clients)
+        ]
         started = loop.time()
         deadline = started + duration_s
 
         async def one_client(k: int) -> None:
             nonlocal other
-            i = k
+            client, i = pool[k], k
             while loop.time() < deadline:
                 sent = loop.time()
                 response = await client.post("/embed", json={"text": texts[i % len(texts)]})
@@ -242,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each point (default 1)")
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="server's event loop")
     parser.add_argument("--texts", type=int, default=2_000, help="distinct texts (default 2000)")
+    parser.add_argument("--sim-call-ms", help="simulated model: ms per call (default: the server's, 20)")
+    parser.add_argument("--sim-token-ms", help="simulated model: ms per padded token (default: the server's, 0.3)")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
     texts = make_texts(args.texts)
@@ -249,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     points: list[Point] = []
     for mode, extra in (("batched", ()), ("unbatched", ("--no-batching",))):
         flags = ("--model", args.model, "--loop", args.loop, "--log-level", "warning", "--max-queue-size", "8192")
+        for name in ("sim_call_ms", "sim_token_ms"):
+            if getattr(args, name) is not None:
+                flags += (f"--{name.replace('_', '-')}", getattr(args, name))
         with ServerProcess(*flags, *extra, ready_timeout_s=180.0) as server:
             for clients in counts:
                 point = asyncio.run(measure(server.url, mode, clients, texts, args.warmup, args.duration))
@@ -261,7 +279,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 )
                 points.append(point)
     load = os.getloadavg()
-    print(table(points, args.model))
+    model = args.model
+    if model == "simulated":
+        call, token = args.sim_call_ms or "20", args.sim_token_ms or "0.3"
+        model = f"simulated ({call} ms a call + {token} ms a padded token)"
+    print(table(points, model))
     print(f"\nLoad average after the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs).")
 
 
