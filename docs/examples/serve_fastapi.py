@@ -76,7 +76,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal, NoReturn, Protocol, TypeVar
+from typing import Any, Literal, NoReturn, Protocol, TypeVar, get_args
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
@@ -139,30 +139,38 @@ class Settings:
         """Parse the command line; every flag's default is this class's."""
         d = cls()
         p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-        add = p.add_argument
-        add("--host", default=d.host, help=f"address to listen on (default {d.host})")
-        add("--port", type=int, default=d.port, help=f"port; 0 picks a free one (default {d.port})")
-        add("--loop", choices=("auto", "asyncio", "uvloop"), default=d.loop, help="event loop (default auto)")
-        add("--log-level", default=d.log_level, help=f"uvicorn's log level (default {d.log_level})")
-        add("--model", choices=("auto", "minilm", "simulated"), default=d.model, help="auto: minilm if installed")
-        add("--threads", type=int, default=d.threads, help=f"torch threads for minilm (default {d.threads})")
-        add("--no-batching", dest="batching", action="store_false", help="one text per model call")
-        add("--max-batch-size", type=int, default=d.max_batch_size, help=f"texts per call (default {d.max_batch_size})")
-        add("--batch-tokens", type=int, default=d.batch_tokens, help=f"padded tokens a call (default {d.batch_tokens})")
-        add("--max-queue-size", type=int, default=d.max_queue_size, help=f"then 429 (default {d.max_queue_size})")
-        add("--request-timeout-s", type=float, default=d.request_timeout_s, help="then 504 (default 30)")
-        add("--max-text-chars", type=int, default=d.max_text_chars, help=f"then 422 (default {d.max_text_chars})")
-        add("--max-body-bytes", type=int, default=d.max_body_bytes, help=f"then 413 (default {d.max_body_bytes})")
-        add("--sim-call-ms", type=float, default=d.sim_call_ms, help="simulated model: ms per call (default 20)")
-        add("--sim-token-ms", type=float, default=d.sim_token_ms, help="... plus ms per padded token (default 0.3)")
-        add("--gen-step-ms", type=float, default=d.gen_step_ms, help="LLM: ms per decode step (default 15)")
-        add("--gen-seq-ms", type=float, default=d.gen_seq_ms, help="... plus ms per sequence (default 0.25)")
-        add("--gen-prefill-token-ms", type=float, default=d.gen_prefill_token_ms, help="... per prompt token")
-        add("--max-sequences", type=int, default=d.max_sequences, help=f"per step (default {d.max_sequences})")
-        add("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"per request (default {d.max_new_tokens})")
-        add("--gen-queue-size", type=int, default=d.gen_queue_size, help=f"then 429 (default {d.gen_queue_size})")
-        add("--drain-timeout-s", type=float, default=d.drain_timeout_s, help="shutdown grace (default 30)")
-        add("--metrics", choices=("auto", "prometheus", "plain"), default=d.metrics, help="/metrics encoder")
+
+        def add(flag: str, text: str, **kwargs: Any) -> None:
+            default = getattr(d, flag.removeprefix("--").replace("-", "_"))
+            p.add_argument(flag, default=default, help=f"{text} (default {default})", **kwargs)
+
+        add("--host", "address to listen on")
+        add("--port", "port; 0 picks a free one", type=int)
+        add("--loop", "uvicorn's event loop; auto: uvloop if installed", choices=("auto", "asyncio", "uvloop"))
+        add("--log-level", "uvicorn's log level")
+        add("--model", "embedding model; auto: minilm if the models extra is installed", choices=get_args(ModelChoice))
+        add("--threads", "torch threads for minilm", type=int)
+        p.add_argument("--no-batching", dest="batching", action="store_false", help="one text per model call")
+        add("--max-batch-size", "most texts in one model call", type=int)
+        add("--batch-tokens", "most padded tokens in one model call", type=int)
+        add("--max-queue-size", "texts waiting for the model; more get 429", type=int)
+        add("--request-timeout-s", "seconds a request may wait in a queue; then 504", type=float)
+        add("--max-text-chars", "longest text or prompt; longer get 422", type=int)
+        add("--max-body-bytes", "largest request body; larger get 413", type=int)
+        add("--sim-call-ms", "simulated embedding model: ms per call", type=float)
+        add("--sim-token-ms", "simulated embedding model: ms per padded token", type=float)
+        add("--gen-step-ms", "simulated LLM: ms per decode step", type=float)
+        add("--gen-seq-ms", "simulated LLM: ms per sequence in a step", type=float)
+        add("--gen-prefill-token-ms", "simulated LLM: ms per prompt token read", type=float)
+        add("--max-sequences", "most sequences decoded in one step", type=int)
+        add("--max-new-tokens", "largest max_tokens of a request; larger get 422", type=int)
+        add("--gen-queue-size", "decode steps waiting for the LLM; more new requests get 429", type=int)
+        add("--drain-timeout-s", "seconds to finish in-flight work on shutdown", type=float)
+        add(
+            "--metrics",
+            "/metrics encoder; auto: prometheus_client if installed",
+            choices=("auto", "prometheus", "plain"),
+        )
         args = p.parse_args(argv)
         return cls(**vars(args))
 
@@ -1009,7 +1017,10 @@ class DrainingServer(uvicorn.Server):
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_args(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    service = Service(settings)
+    try:
+        service = Service(settings)
+    except (TypeError, ValueError) as exc:  # a batcher setting out of range, e.g. --max-batch-size 0
+        raise SystemExit(f"serve_fastapi.py: error: {exc}") from None
     app = create_app(settings, service)
     config = uvicorn.Config(
         app,
