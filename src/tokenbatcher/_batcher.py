@@ -45,7 +45,7 @@ class DynamicBatcher(Intake[RecordT, ResultT], Processing[RecordT, ResultT], Lif
             returning one result per record, in order; or a plain ``def``,
             which is called in a worker thread so it never blocks the event
             loop (see ``executor``).
-        cost_estimator: ``f(record) -> int``; see [submit][] for how a
+        cost_estimator: ``f(record) -> int``; see [submit][tokenbatcher.DynamicBatcher.submit] for how a
             record's cost is found.
         target_batch_cost: The cost budget of one batch (>= 1).
         max_batch_size: The most records in one batch (>= 1).

@@ -18,6 +18,7 @@ same run, so the report means the same thing on any machine.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -312,6 +313,37 @@ def summary(ov: dict[str, Any], lat: dict[str, Any], info: dict[str, str]) -> li
     return md
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
+STANDALONE = [
+    (
+        "Scaling with queue depth",
+        "scaling",
+        "Every batching mode draining a queue filled in advance, with a no-op model: the batcher's own "
+        "cost per record at 1k to 1M queued records (CPU time, so other processes on the machine "
+        "do not count), the memory a queued record takes, and one caller's round trip.",
+        "python -m tests.bench.scaling --json tests/bench/results/scaling.json --plot docs/pages/img/scaling.png",
+        "img/scaling.png",
+    ),
+]
+"""Benchmarks run on their own (they take long, or need other packages), whose saved results
+this page renders: (heading, module in tests/bench, what it measures, command, plot)."""
+
+
+def standalone_sections() -> list[str]:
+    """A section per standalone benchmark whose saved results exist, rendered by its own module."""
+    md: list[str] = []
+    for heading, name, what, command, image in STANDALONE:
+        path = RESULTS / f"{name}.json"
+        if not path.exists():
+            continue
+        module: Any = importlib.import_module(f"{__package__}.{name}")
+        md += [f"## {heading}", "", what, "", "```sh", command, "```", ""]
+        md += [f"![{heading}]({image})", ""]
+        md += [module.format_report(json.loads(path.read_text())), ""]
+    return md
+
+
 def write_report(
     ov: dict[str, Any],
     lat: dict[str, Any],
@@ -438,6 +470,7 @@ def write_report(
     if not plots:
         md += ["_matplotlib is not installed: no plots were drawn._", ""]
 
+    md += standalone_sections()
     md += [
         "## Machine",
         "",
