@@ -191,6 +191,17 @@ async def test_an_exception_fails_its_batch_and_the_batcher_keeps_serving() -> N
 
 
 @pytest.mark.asyncio
+async def test_a_plain_function_that_needs_the_event_loop_is_told_to_be_async() -> None:
+    def needs_loop(batch: list[int]) -> list[int]:
+        asyncio.get_running_loop()  # there is none in a worker thread
+        return batch
+
+    async with DynamicBatcher(needs_loop) as batcher:
+        with pytest.raises(RuntimeError, match=r"plain \(non-async\) function.*worker thread.*Make it `async def`"):
+            await batcher.call(1)
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("error", [KeyboardInterrupt, SystemExit, asyncio.CancelledError])
 async def test_a_base_exception_in_the_thread_fails_its_batch_not_the_loop(error: type[BaseException]) -> None:
     def fatal(batch: list[int]) -> list[int]:

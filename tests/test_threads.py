@@ -87,6 +87,23 @@ def test_a_sync_program_with_the_loop_in_a_background_thread() -> None:
         loop.close()
 
 
+def test_asyncio_run_of_submit_from_another_thread_points_to_submit_threadsafe() -> None:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    batcher = DynamicBatcher(double)
+    try:
+        asyncio.run_coroutine_threadsafe(batcher.start(), loop).result(timeout=5)
+        with pytest.raises(RuntimeError, match=r"another thread.*batcher\.submit_threadsafe\(record\)"):
+            asyncio.run(batcher.submit(1))  # the classic mistake: a second loop in this thread
+        assert batcher.submit_threadsafe(1).result(timeout=5) == 2
+        asyncio.run_coroutine_threadsafe(batcher.stop(), loop).result(timeout=5)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
+
+
 @pytest.mark.asyncio
 async def test_token_batcher_submit_threadsafe_takes_estimated_tokens() -> None:
     from tokenbatcher import TokenBatcher

@@ -123,6 +123,15 @@ class _Job:
         """Run in the worker thread."""
         try:
             returned = self._context.run(self._fn, self._batch)
+        except RuntimeError as exc:
+            if "no running event loop" not in str(exc) and "no current event loop" not in str(exc):
+                raise
+            raise RuntimeError(
+                f"process_fn {self._fn!r} is a plain (non-async) function, so the batcher calls it in a "
+                "worker thread, where no event loop runs; but it needs one. Make it `async def` "
+                "(and run a blocking model inside it with `await asyncio.to_thread(model, batch)`), "
+                "or have it return an awaitable instead of using the loop itself."
+            ) from exc
         except Exception:
             raise
         except BaseException as exc:

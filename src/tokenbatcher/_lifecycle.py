@@ -291,9 +291,18 @@ class Lifecycle(Core[RecordT, ResultT]):
 
     def _wrong_loop(self) -> None:
         old = self._loop
+        name = type(self).__name__
+        if old is not None and old.is_running() and self._state is RUNNING:
+            # Its loop runs in another thread (a web server's, a notebook's): that is what submit_threadsafe is for.
+            raise RuntimeError(
+                f"this {name} runs on an event loop in another thread, and a coroutine such as submit() "
+                "can only be awaited on that loop. From this thread, call "
+                "batcher.submit_threadsafe(record), which returns a concurrent.futures.Future "
+                "(.result() waits for the result); do not start a second event loop with asyncio.run()."
+            )
         state = "closed" if old is None or old.is_closed() else "still open, but not the one running now"
         raise RuntimeError(
-            f"this {type(self).__name__} was started on another event loop, which is {state}. "
+            f"this {name} was started on another event loop, which is {state}. "
             "A batcher belongs to the loop that started it: after asyncio.run() returns, "
             "build and start a new one (with an alru_cache singleton, call cache_clear() "
             "or key the cache by event loop)."
