@@ -322,7 +322,8 @@ STANDALONE = [
         "Every batching mode draining a queue filled in advance, with a no-op model: the batcher's own "
         "cost per record at 1k to 1M queued records (CPU time, so other processes on the machine "
         "do not count), the memory a queued record takes, and one caller's round trip.",
-        "python -m tests.bench.scaling \\\n    --json tests/bench/results/scaling.json --plot docs/pages/img/scaling.png",
+        "python -m tests.bench.scaling \\\n"
+        "    --json tests/bench/results/scaling.json --plot docs/pages/img/scaling.png",
         "img/scaling.png",
     ),
 ]
