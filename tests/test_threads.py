@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -72,36 +73,36 @@ async def test_submit_threadsafe_on_the_loop_thread_or_when_stopped_raises() -> 
             batcher.submit_threadsafe(1)
 
 
-def test_a_sync_program_with_the_loop_in_a_background_thread() -> None:
+@pytest.fixture
+def loop_in_thread() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop running in a background thread, as a sync program (or a web server) has it."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    batcher = DynamicBatcher(double)
     try:
-        asyncio.run_coroutine_threadsafe(batcher.start(), loop).result(timeout=5)
-        assert [batcher.submit_threadsafe(i).result(timeout=5) for i in range(5)] == [0, 2, 4, 6, 8]
-        asyncio.run_coroutine_threadsafe(batcher.stop(), loop).result(timeout=5)
+        yield loop
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
         loop.close()
 
 
-def test_asyncio_run_of_submit_from_another_thread_points_to_submit_threadsafe() -> None:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
+def test_a_sync_program_with_the_loop_in_a_background_thread(loop_in_thread: asyncio.AbstractEventLoop) -> None:
     batcher = DynamicBatcher(double)
-    try:
-        asyncio.run_coroutine_threadsafe(batcher.start(), loop).result(timeout=5)
-        with pytest.raises(RuntimeError, match=r"another thread.*batcher\.submit_threadsafe\(record\)"):
-            asyncio.run(batcher.submit(1))  # the classic mistake: a second loop in this thread
-        assert batcher.submit_threadsafe(1).result(timeout=5) == 2
-        asyncio.run_coroutine_threadsafe(batcher.stop(), loop).result(timeout=5)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        loop.close()
+    asyncio.run_coroutine_threadsafe(batcher.start(), loop_in_thread).result(timeout=5)
+    assert [batcher.submit_threadsafe(i).result(timeout=5) for i in range(5)] == [0, 2, 4, 6, 8]
+    asyncio.run_coroutine_threadsafe(batcher.stop(), loop_in_thread).result(timeout=5)
+
+
+def test_asyncio_run_of_submit_from_another_thread_points_to_submit_threadsafe(
+    loop_in_thread: asyncio.AbstractEventLoop,
+) -> None:
+    batcher = DynamicBatcher(double)
+    asyncio.run_coroutine_threadsafe(batcher.start(), loop_in_thread).result(timeout=5)
+    with pytest.raises(RuntimeError, match=r"another thread.*batcher\.submit_threadsafe\(record\)"):
+        asyncio.run(batcher.submit(1))  # the classic mistake: a second loop in this thread
+    assert batcher.submit_threadsafe(1).result(timeout=5) == 2
+    asyncio.run_coroutine_threadsafe(batcher.stop(), loop_in_thread).result(timeout=5)
 
 
 @pytest.mark.asyncio
