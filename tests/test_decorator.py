@@ -13,7 +13,7 @@ import weakref
 
 import pytest
 
-from tokenbatcher import Prompt, TokenBatcher, _decorator, batched
+from tokenbatcher import Prompt, TokenBatcher, _decorator, _perloop, batched
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -128,8 +128,8 @@ async def test_a_collected_instance_has_its_batchers_stopped() -> None:
     del scaler
     gc.collect()
     await asyncio.sleep(0)  # the stop was scheduled with call_soon_threadsafe: it starts now
-    assert _decorator._closing
-    await asyncio.wait(list(_decorator._closing))
+    assert _perloop._closing
+    await asyncio.wait(list(_perloop._closing))
     assert not batcher.is_running
 
 
@@ -144,7 +144,7 @@ async def test_a_dropped_function_has_its_batcher_stopped() -> None:
     del local  # a notebook cell run again drops the old function
     gc.collect()
     await asyncio.sleep(0)
-    await asyncio.wait(list(_decorator._closing))
+    await asyncio.wait(list(_perloop._closing))
     assert not batcher.is_running
 
 
@@ -173,8 +173,8 @@ def test_a_function_dropped_inside_asyncio_run_leaves_nothing_behind(caplog: pyt
     asyncio.run(main())
     gc.collect()
     assert loops[0]() is None
-    assert not _decorator._started
-    assert not _decorator._closing
+    assert not _perloop._started
+    assert not _perloop._closing
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
 
 

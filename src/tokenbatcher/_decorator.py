@@ -29,7 +29,6 @@ Only the public API of the batcher (``start``, ``submit``, ``stop``,
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import threading
 import weakref
@@ -39,6 +38,7 @@ from typing import Any, Generic, Protocol, TypeVar, overload
 from typing_extensions import Self, TypedDict, Unpack
 
 from ._calling import is_async
+from ._perloop import PerLoop
 from ._stats import BatchInfo
 from ._token import TokenBatcher
 from ._types import BatchCost, Dispatch, Grouping, RecordT, ResultT
@@ -74,118 +74,6 @@ class BatcherSettings(TypedDict, total=False):
     executor: concurrent.futures.Executor | None
 
 
-_started: set[_Entry] = set()
-"""Every started batcher, held until its loop shuts down or it is closed.
-
-An idle batcher's tasks wait on futures that only they refer to, and asyncio
-holds tasks weakly: without this, a batcher whose function or instance was
-dropped could be garbage collected with its tasks pending ("Task was destroyed
-but it is pending!").
-"""
-
-_closing: set[asyncio.Task[None]] = set()
-"""Tasks stopping the batchers of dropped functions and instances, held until they end."""
-
-
-class _Entry:
-    """One loop's batcher, and the task that notices the loop shutting down."""
-
-    __slots__ = ("batcher", "watcher")
-
-    def __init__(self, batcher: TokenBatcher[Any, Any]) -> None:
-        self.batcher = batcher
-        self.watcher: asyncio.Task[None] | None = None
-
-
-class _PerLoop(Generic[RecordT, ResultT]):
-    """The batchers of one batch function, one per event loop."""
-
-    __slots__ = ("_by_loop", "_fn", "_settings")
-
-    def __init__(self, fn: Callable[[list[RecordT]], Any], settings: BatcherSettings) -> None:
-        self._fn = fn
-        self._settings = settings
-        # Weak keys drop a loop's entry once the loop is gone; a started batcher refers to its
-        # loop, so that entry is removed by its watcher when the loop shuts down.
-        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Entry] = weakref.WeakKeyDictionary()
-
-    def current(self) -> TokenBatcher[RecordT, ResultT]:
-        """The running loop's batcher; a new one, not yet started, if it has none."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError(
-                "a batched function's batcher belongs to an event loop, and none is running in this thread"
-            ) from None
-        entry = self._by_loop.get(loop)
-        if entry is None:
-            entry = self._by_loop[loop] = _Entry(TokenBatcher(self._fn, **self._settings))
-        return entry.batcher
-
-    async def running(self) -> TokenBatcher[RecordT, ResultT]:
-        """The running loop's batcher, started."""
-        loop = asyncio.get_running_loop()
-        entry = self._by_loop.get(loop)
-        if entry is not None and entry.batcher.is_running:
-            return entry.batcher
-        batcher = self.current()
-        entry = self._by_loop[loop]
-        if not batcher.is_running:
-            await batcher.start()  # "already running" cannot happen: start() does not yield before it runs
-        if entry.watcher is None or entry.watcher.done():
-            entry.watcher = loop.create_task(self._watch(loop, entry), name="tokenbatcher-batched-watch")
-            _started.add(entry)
-        return batcher
-
-    async def _watch(self, loop: asyncio.AbstractEventLoop, entry: _Entry) -> None:
-        """Wait for the loop's shutdown (which cancels every task); then forget its batcher."""
-        try:
-            await loop.create_future()  # nobody resolves it
-        finally:
-            self._forget(loop, entry)
-
-    def _forget(self, loop: asyncio.AbstractEventLoop, entry: _Entry) -> None:
-        _started.discard(entry)
-        if self._by_loop.get(loop) is entry:
-            del self._by_loop[loop]
-
-    async def close(self) -> None:
-        """Stop the running loop's batcher and forget it; the next call starts a new one."""
-        loop = asyncio.get_running_loop()
-        entry = self._by_loop.get(loop)
-        if entry is not None:
-            await self._close(loop, entry)
-
-    async def _close(self, loop: asyncio.AbstractEventLoop, entry: _Entry) -> None:
-        self._forget(loop, entry)  # calls from now on start a new batcher
-        try:
-            await entry.batcher.stop()
-        finally:
-            if entry.watcher is not None:
-                entry.watcher.cancel()
-
-    def close_soon(self) -> None:
-        """From any thread: stop each started batcher on its own loop, without waiting."""
-        while True:
-            try:
-                entries = list(self._by_loop.items())
-                break
-            except RuntimeError:  # another thread added a loop meanwhile
-                continue
-        for loop, entry in entries:
-            if entry.watcher is None or entry.watcher.done():
-                continue  # never started, or its loop already shut down
-            try:
-                loop.call_soon_threadsafe(self._close_in_task, loop, entry)
-            except RuntimeError:  # the loop was closed meanwhile
-                continue
-
-    def _close_in_task(self, loop: asyncio.AbstractEventLoop, entry: _Entry) -> None:
-        task = loop.create_task(self._close(loop, entry), name="tokenbatcher-batched-close")
-        _closing.add(task)
-        task.add_done_callback(_closing.discard)
-
-
 def _deref(ref: weakref.ref[Any]) -> Any:
     instance = ref()
     if instance is None:  # pragma: no cover  (a caller holds the instance while its record waits)
@@ -218,9 +106,9 @@ class BatchedFunction(Generic[RecordT, ResultT]):
     def __init__(self, fn: Callable[..., Any], settings: BatcherSettings) -> None:
         self._fn = fn
         self._settings = settings
-        self._loops: _PerLoop[RecordT, ResultT] = _PerLoop(fn, settings)
+        self._loops: PerLoop[RecordT, ResultT] = PerLoop(fn, settings)
         weakref.finalize(self, self._loops.close_soon)  # dropped (a cell run again): stop its batchers
-        self._instances: dict[int, tuple[weakref.ref[Any], _PerLoop[RecordT, ResultT]]] = {}
+        self._instances: dict[int, tuple[weakref.ref[Any], PerLoop[RecordT, ResultT]]] = {}
         self._lock = threading.Lock()
         for name in ("__module__", "__name__", "__qualname__", "__doc__"):
             if hasattr(fn, name):
@@ -296,7 +184,7 @@ class BatchedFunction(Generic[RecordT, ResultT]):
             return self
         return _BoundBatched(self._for(instance), instance, self)
 
-    def _for(self, instance: object) -> _PerLoop[RecordT, ResultT]:
+    def _for(self, instance: object) -> PerLoop[RecordT, ResultT]:
         key = id(instance)
         found = self._instances.get(key)
         if found is not None and found[0]() is instance:
@@ -307,7 +195,7 @@ class BatchedFunction(Generic[RecordT, ResultT]):
                 return found[1]
             return self._add(key, instance)
 
-    def _add(self, key: int, instance: object) -> _PerLoop[RecordT, ResultT]:
+    def _add(self, key: int, instance: object) -> PerLoop[RecordT, ResultT]:
         try:
             ref = weakref.ref(instance, lambda ref: self._instance_gone(key, ref))
         except TypeError:
@@ -315,7 +203,7 @@ class BatchedFunction(Generic[RecordT, ResultT]):
                 f"batched method {self._name()!r} keeps one batcher per instance, so it needs instances "
                 f"that support weak references; add '__weakref__' to the __slots__ of {type(instance).__name__}"
             ) from None
-        loops = _PerLoop[RecordT, ResultT](_bind(self._fn, ref), self._settings)
+        loops = PerLoop[RecordT, ResultT](_bind(self._fn, ref), self._settings)
         self._instances[key] = (ref, loops)
         return loops
 
@@ -329,7 +217,7 @@ class BatchedFunction(Generic[RecordT, ResultT]):
 class _BoundBatched(BatchedFunction[RecordT, ResultT]):
     """A batched method of one instance (what ``instance.method`` returns)."""
 
-    def __init__(self, loops: _PerLoop[RecordT, ResultT], instance: object, method: BatchedFunction[Any, Any]) -> None:
+    def __init__(self, loops: PerLoop[RecordT, ResultT], instance: object, method: BatchedFunction[Any, Any]) -> None:
         # No super().__init__(): the loops belong to the instance and are shared by every access.
         self._fn = method._fn
         self._settings = method._settings
