@@ -11,6 +11,8 @@ import asyncio
 import concurrent.futures
 import functools
 import gc
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import run_virtual
+from test_docs import ROOT, code_block
 from tokenbatcher import (
     END,
     BatchAbortedError,
@@ -536,6 +539,14 @@ async def test_a_batched_async_generator_returns_a_stream_per_call() -> None:
     assert await read_all(await Speller(upper=True).spell("ok")) == ["O", "K"]
     assert await read_all(await Speller(upper=False).spell("ok")) == ["o", "k"]
     await spell.aclose()
+
+
+@pytest.mark.timeout(60)
+def test_the_example_of_the_concepts_page_runs() -> None:
+    code = code_block(ROOT / "docs" / "pages" / "concepts.md", "## Streaming")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "['tea', 'coffee']\n"
 
 
 # --------------------------------------------------------------------- the property

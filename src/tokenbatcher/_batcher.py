@@ -55,7 +55,7 @@ class DynamicBatcher(
             loop (see ``executor``); or an async generator function
             ([StreamFn][tokenbatcher.StreamFn]) yielding, per step, one entry
             per record, which makes a streaming batcher: records then come in
-            by [submit_stream][] (and ``submit`` and its siblings raise
+            by [submit_stream][tokenbatcher.DynamicBatcher.submit_stream] (and ``submit`` and its siblings raise
             ``TypeError``).
         cost_estimator: ``f(record) -> int``; see [submit][] for how a
             record's cost is found.
@@ -105,7 +105,7 @@ class DynamicBatcher(
         stream_buffer: A streaming batcher's bound on the entries one stream
             holds unread (>= 1): ``process_fn`` never waits for a reader,
             and a stream whose reader falls this far behind fails with
-            [StreamOverflowError][].  Other batchers ignore it.
+            [StreamOverflowError][tokenbatcher.StreamOverflowError].  Other batchers ignore it.
 
     Raises:
         TypeError: ``process_fn`` is not callable, or a setting has the wrong type.

@@ -69,28 +69,29 @@ class Streaming(Core[RecordT, ResultT]):
 
         For a batcher whose ``process_fn`` is an async generator function
         ([StreamFn][tokenbatcher.StreamFn]): ``async for entry in await
-        batcher.submit_stream(record)``.  Queued, priced, timed out and
-        refused exactly as [submit][] does; the stream then yields this
-        record's entry of every step of its batch as soon as the step is
-        produced, and ends at [END][tokenbatcher.END] or when ``process_fn``
-        returns (see [Stream][tokenbatcher.Stream] for errors and for leaving
-        early).  A stream that ends normally counts as completed; one whose
-        reader leaves first, as cancelled.
+        batcher.submit_stream(record)``.  The record is priced, queued, timed
+        out and refused exactly as by [submit][tokenbatcher.DynamicBatcher.submit];
+        its stream then yields the record's entry of every step of its batch
+        as soon as the step is produced, and ends at [END][tokenbatcher.END]
+        or when ``process_fn`` returns (see [Stream][tokenbatcher.Stream] for
+        errors and for leaving early).  A stream that ends normally counts as
+        completed; one whose reader leaves first, as cancelled.
 
         Args:
             record: The record to process.
-            estimated_cost: As [submit][].
-            timeout_s: As [submit][]: a deadline while queued.
-            priority: As [submit][].
+            estimated_cost: Its cost, as for ``submit``.
+            timeout_s: A deadline while it is queued, as for ``submit``.
+            priority: As for ``submit``.
 
         Returns:
             The record's [Stream][tokenbatcher.Stream].
 
         Raises:
             TypeError: This batcher's ``process_fn`` is not an async generator
-                function (use [submit][]), or as [submit][].
-            RuntimeError: As [submit][].
-            ValueError: As [submit][].
+                function (use ``submit``); or a cost, ``timeout_s`` or
+                ``priority`` of the wrong type.
+            RuntimeError: The batcher is not running, as for ``submit``.
+            ValueError: A negative cost or a non-positive ``timeout_s``.
         """
         if not self._streaming:
             raise TypeError(
