@@ -347,6 +347,18 @@ async def test_one_task_reads_a_stream_at_a_time() -> None:
         assert await read_all(stream) == ["a:1"]
 
 
+@pytest.mark.asyncio
+async def test_aclose_from_another_task_ends_a_waiting_read() -> None:
+    async with DynamicBatcher(decoder(Log())) as batcher:
+        stream = await batcher.submit_stream(Seq("a", 5))
+        reading = asyncio.ensure_future(read_all(stream))
+        await asyncio.sleep(1.5)  # a:0 read; the reader waits for a:1
+        await stream.aclose()
+        assert await reading == ["a:0"]
+        assert repr(stream) == "<Stream closed buffered=0>"
+    assert batcher.stats.total_cancelled == 1
+
+
 # --------------------------------------------------------------------- the buffer bound
 
 
@@ -582,7 +594,7 @@ def plans() -> st.SearchStrategy[list[Plan]]:
     return st.lists(plan, min_size=1, max_size=12)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     plans=plans(),
     max_batch_size=st.integers(1, 5),
