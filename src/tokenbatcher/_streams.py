@@ -151,7 +151,8 @@ class Stream(AsyncIterator[ResultT]):
     ``contextlib.aclosing``): the record is freed at once (it leaves the
     queue, or ``process_fn`` sees it unwanted) and counts as cancelled.  A
     cancelled read does the same; so does dropping the stream (a ``break``
-    out of ``async for stream in await ...``), once it is garbage collected.
+    out of ``async for entry in await batcher.submit_stream(...)``), once it
+    is garbage collected.
     One task reads a stream at a time.
     """
 
