@@ -85,6 +85,7 @@ def test_dynamic_batcher_signature_matches_the_reference() -> None:
         "priority_aging_s": 1.0,
         "on_batch": None,
         "executor": None,
+        "stream_buffer": 10_000,
     }
 
 

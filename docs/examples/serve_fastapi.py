@@ -12,10 +12,12 @@ Endpoints:
   long as MiniLM's do on a 2-core CPU (``--model simulated``).
 * ``POST /generate`` ``{"prompt": "...", "max_tokens": 32}`` -> server-sent
   events, one ``data: {"index": i, "token": "..."}`` per token as it is decoded,
-  then ``event: done``.  A simulated LLM decodes every live sequence in one
-  batched step whose time grows with the batch.  Each step of each sequence
-  is one record today; ``Generator.tokens`` says what becomes
-  ``submit_stream`` once tokenbatcher can stream.
+  then ``event: done``.  Each request is one record of a streaming
+  ``TokenBatcher``: requests that arrive within ``--gen-window-ms`` of each
+  other share a decode batch, and a simulated LLM (an async generator)
+  decodes it a token per sequence per step, each step's time growing with
+  the batch; ``submit_stream`` hands each request its own tokens as they
+  come.
 * ``GET /metrics``: Prometheus text (through ``prometheus_client`` when it is
   installed, else written by hand in the same format).
 * ``GET /stats``: JSON of both batchers' ``BatchStats`` and the models' counters.
@@ -26,7 +28,8 @@ What a client sees:
 * a full queue: ``429 Too Many Requests`` with ``Retry-After`` (the
   exception's own ``retry_after_s`` if it has one, else an estimate from the
   batcher's stats); ``submit_nowait`` refuses at once rather than queueing a
-  request that would wait too long;
+  request that would wait too long (``/generate`` checks its queue before
+  ``submit_stream``, which would wait for room);
 * a request still queued after ``--request-timeout-s``: ``504`` (it never
   reaches the model); a stopped batcher: ``503``;
 * malformed JSON: ``400``; a blank text, a text over ``--max-text-chars`` or
@@ -84,7 +87,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 import tokenbatcher
-from tokenbatcher import BatcherStoppedError, BatchStats, Percentiles, QueueFullError, TokenBatcher
+from tokenbatcher import (
+    END,
+    BatcherStoppedError,
+    BatchStats,
+    End,
+    Percentiles,
+    QueueFullError,
+    Stream,
+    StreamBatch,
+    TokenBatcher,
+)
 
 logger = logging.getLogger("serve_fastapi")
 
@@ -129,6 +142,9 @@ class Settings:
     gen_seq_ms: float = 0.25
     gen_prefill_token_ms: float = 0.02
     max_sequences: int = 64
+    gen_batch_tokens: int = 65_536
+    gen_window_ms: float = 20.0
+    gen_slots: int = 4
     max_new_tokens: int = 512
     gen_queue_size: int = 256
     drain_timeout_s: float = 30.0
@@ -162,9 +178,12 @@ class Settings:
         add("--gen-step-ms", "simulated LLM: ms per decode step", type=float)
         add("--gen-seq-ms", "simulated LLM: ms per sequence in a step", type=float)
         add("--gen-prefill-token-ms", "simulated LLM: ms per prompt token read", type=float)
-        add("--max-sequences", "most sequences decoded in one step", type=int)
+        add("--max-sequences", "most sequences in one decode batch", type=int)
+        add("--gen-batch-tokens", "most prompt + new tokens (KV cache) of one decode batch", type=int)
+        add("--gen-window-ms", "ms a decode batch waits for more requests once one arrives", type=float)
+        add("--gen-slots", "decode batches running at once (they take turns on the one device)", type=int)
         add("--max-new-tokens", "largest max_tokens of a request; larger get 422", type=int)
-        add("--gen-queue-size", "decode steps waiting for the LLM; more new requests get 429", type=int)
+        add("--gen-queue-size", "requests waiting for a decode batch; more get 429", type=int)
         add("--drain-timeout-s", "seconds to finish in-flight work on shutdown", type=float)
         add(
             "--metrics",
@@ -312,19 +331,19 @@ def token_for(prompt: str, index: int) -> str:
 
 
 @dataclass(slots=True)
-class Step:
-    """One decode step of one sequence: a record of the LLM's batcher.
+class Completion:
+    """One request to the LLM: a record of its batcher, streamed a token per decode step.
 
-    The first step (``index == 0``) also reads the prompt (prefill), so it
-    costs the prompt's tokens; every later step costs one token.
+    It costs what it holds in the model's memory (its KV cache) by its last
+    step: its prompt's tokens and the most it may generate.
     """
 
     prompt: str
-    index: int
+    max_tokens: int
     prompt_tokens: int
 
     def estimate_tokens(self) -> int:
-        return self.prompt_tokens + 1 if self.index == 0 else 1
+        return self.prompt_tokens + self.max_tokens
 
 
 @dataclass
@@ -340,8 +359,11 @@ class LLMCounters:
 class SimulatedLLM:
     """A decoder whose step costs ``step_ms + seq_ms * sequences + prefill_token_ms * prompt tokens``.
 
-    ``step`` is the batcher's ``inference_fn``: one call decodes one token for
-    every sequence in the batch.
+    ``decode`` is the batcher's ``inference_fn``, an async generator: it
+    decodes one batch of sequences, a token for each live sequence per step,
+    and yields each step's tokens as soon as the step is done.  The model is
+    one device: when several batches decode at once (``--gen-slots``), they
+    take turns, a step at a time, so each one's steps come more slowly.
     """
 
     def __init__(self, step_ms: float, seq_ms: float, prefill_token_ms: float) -> None:
@@ -349,58 +371,33 @@ class SimulatedLLM:
         self.seq_s = seq_ms / 1000
         self.prefill_token_s = prefill_token_ms / 1000
         self.counters = LLMCounters()
+        self.device = asyncio.Lock()  # created unbound: it binds to the loop that first waits on it
 
     @staticmethod
     def count_tokens(prompt: str) -> int:
         return len(prompt) // 4 + 1
 
-    async def step(self, batch: list[Step]) -> list[str]:
-        prefill = [s.prompt_tokens for s in batch if s.index == 0]
-        c = self.counters
-        c.steps += 1
-        c.sequences += len(prefill)
-        c.tokens += len(batch)
-        c.prefill_tokens += sum(prefill)
-        await asyncio.sleep(self.step_s + self.seq_s * len(batch) + self.prefill_token_s * sum(prefill))
-        return [token_for(s.prompt, s.index) for s in batch]
+    async def decode(self, batch: StreamBatch[Completion]) -> AsyncIterator[list[str | End]]:
+        """Prefill the batch's prompts, then decode until every sequence is done or unwanted.
 
-
-class Generator:
-    """Token streams of concurrent requests, decoded together by one batched step at a time."""
-
-    def __init__(self, llm: SimulatedLLM, batcher: TokenBatcher[Step, str]) -> None:
-        self.llm = llm
-        self.batcher = batcher
-
-    async def tokens(self, prompt: str, max_tokens: int) -> AsyncIterator[str]:
-        """This request's tokens, each as soon as the decode step that made it returns.
-
-        Today, without streaming in tokenbatcher, each decode step of each
-        sequence is one record: a sequence submits its next step when the last
-        one returns, and every step waiting when the model is free is decoded
-        in one call (``dispatch="eager"``).  Sequences join and leave between
-        steps.  A consumer that stops (its client left) cancels the step it
-        waits for, so that step is dropped if not in a batch yet, and submits
-        no more.  The first step is admitted with ``submit_nowait`` (a full
-        queue refuses at once: 429); later steps of an admitted sequence wait
-        for room instead, and go ahead of new sequences (``priority``).
-
-        When ``submit_stream`` lands (issue 15, item 1), the loop below becomes
-        ``async for token in batcher.submit_stream(Request(prompt, max_tokens)):
-        yield token``, and ``SimulatedLLM.step`` an async generator that
-        yields one token per sequence per step and ``tokenbatcher.END`` for a
-        finished one.  The endpoint and its error handling stay as they are.
+        A sequence is done after its ``max_tokens``; one whose client left
+        (``batch.wanted(i)`` is False) is dropped before the next step, so it
+        costs nothing more.  A finished or dropped sequence gets ``END``.
         """
-        prompt_tokens = self.llm.count_tokens(prompt)
-        for index in range(max_tokens):
-            step = Step(prompt, index, prompt_tokens)
-            if index == 0:
-                future = self.batcher.submit_nowait(step, priority=1)
-            else:
-                future = await self.batcher.submit(step)
-            # If this task is cancelled here (the client left), asyncio cancels
-            # ``future`` too, and the batcher drops the step if it is still queued.
-            yield await future
+        c = self.counters
+        c.sequences += len(batch)
+        prefill = sum(s.prompt_tokens for s in batch)
+        c.prefill_tokens += prefill
+        for index in range(max(s.max_tokens for s in batch)):
+            live = [index < s.max_tokens and batch.wanted(i) for i, s in enumerate(batch)]
+            if not any(live):
+                return
+            async with self.device:
+                await asyncio.sleep(self.step_s + self.seq_s * sum(live) + self.prefill_token_s * prefill)
+            prefill = 0
+            c.steps += 1
+            c.tokens += sum(live)
+            yield [token_for(s.prompt, index) if alive else END for s, alive in zip(batch, live, strict=True)]
 
 
 # --------------------------------------------------------------------------- requests
@@ -706,15 +703,15 @@ class Service:
             request_timeout_s=s.request_timeout_s,
         )
         self.llm = SimulatedLLM(s.gen_step_ms, s.gen_seq_ms, s.gen_prefill_token_ms)
-        self.generate_batcher: TokenBatcher[Step, str] = TokenBatcher(
-            inference_fn=self.llm.step,
-            target_batch_tokens=max(s.batch_tokens, s.max_sequences),
+        self.generate_batcher: TokenBatcher[Completion, str] = TokenBatcher(
+            inference_fn=self.llm.decode,  # an async generator: the batcher streams
+            target_batch_tokens=s.gen_batch_tokens,  # a longer request alone is decoded alone
             max_batch_size=s.max_sequences,
-            dispatch="eager",
+            batch_timeout_s=s.gen_window_ms / 1000,
+            max_concurrent_batches=s.gen_slots,
             max_queue_size=s.gen_queue_size,
             request_timeout_s=s.request_timeout_s,
         )
-        self.generator = Generator(self.llm, self.generate_batcher)
         self.limits = {"max_text_chars": s.max_text_chars, "max_new_tokens": s.max_new_tokens}
         self.http = HttpCounters()
         self.draining = False
@@ -745,6 +742,21 @@ class Service:
             return self.embed_batcher.submit_nowait(text)
         except Exception as exc:
             raise_as_http(exc, self.embed_batcher)
+
+    async def admit_stream(self, prompt: str, max_tokens: int) -> Stream[str]:
+        """Queue a sequence for the LLM; return its stream of tokens, or refuse it at once (429 when full).
+
+        ``submit_stream`` would wait for room in a full queue; on the event
+        loop nothing else runs between this check and the submit, which does
+        not wait when there is room.
+        """
+        batcher = self.generate_batcher
+        try:
+            if batcher.stats.queue_depth >= self.settings.gen_queue_size:
+                raise QueueFullError(f"{self.settings.gen_queue_size} requests wait for the LLM (--gen-queue-size)")
+            return await batcher.submit_stream(Completion(prompt, max_tokens, self.llm.count_tokens(prompt)))
+        except Exception as exc:
+            raise_as_http(exc, batcher)
 
     async def outcome(self, request: Request, batcher: TokenBatcher[Any, Any], future: asyncio.Future[T]) -> T:
         """The record's result, unless the client leaves first; errors mapped to HTTP."""
@@ -902,7 +914,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
             e, g = svc.embed_batcher.stats, svc.generate_batcher.stats
             print(
                 f"drained: embed {e.total_completed} completed, {e.pending} pending; "
-                f"generate {g.total_completed} tokens, {g.pending} pending",
+                f"generate {svc.llm.counters.tokens} tokens, {g.pending} pending",
                 flush=True,
             )
 
@@ -926,23 +938,21 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         svc.refuse_if_draining()
         body = parse(GenerateRequest, await request.body(), svc.limits)
         batcher = svc.generate_batcher
-        tokens = svc.generator.tokens(body.prompt, body.max_tokens)
-        # The status line waits for the first token, so that a refusal (429), a
-        # timeout in the queue (504) or a shutdown (503) is still a status code.
-        first = asyncio.ensure_future(tokens.__anext__())
+        stream = await svc.admit_stream(body.prompt, body.max_tokens)
+        # The status line waits for the first token, so that a timeout in the queue (504)
+        # or a shutdown (503) is still a status code.  A client that leaves first cancels
+        # this read, which closes the stream: its sequence is dropped, or never decoded.
         try:
-            token = await svc.outcome(request, batcher, first)
+            token = await svc.outcome(request, batcher, asyncio.ensure_future(anext(stream)))
         except BaseException:
-            if not first.done():  # cancelled, but still unwinding the generator
-                await asyncio.wait((first,))
-            await tokens.aclose()
+            await stream.aclose()
             raise
 
         async def events() -> AsyncIterator[bytes]:
             index = 0
             try:
                 yield sse(None, {"index": 0, "token": token})
-                async for later in tokens:
+                async for later in stream:
                     index += 1
                     yield sse(None, {"index": index, "token": later})
                 yield sse("done", {"tokens": index + 1, "finish_reason": "length"})
@@ -952,7 +962,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
                 logger.warning("stream ended early after %d tokens: %r", index + 1, exc)
                 yield sse("error", {"status": status, "detail": str(exc), "tokens": index + 1})
             finally:
-                await tokens.aclose()
+                await stream.aclose()  # the client left (or the server stops): the LLM drops the sequence
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

@@ -10,10 +10,16 @@ from ._decorator import batched as batched
 from ._errors import BatchAbortedError as BatchAbortedError
 from ._errors import BatcherStoppedError as BatcherStoppedError
 from ._errors import QueueFullError as QueueFullError
+from ._errors import StreamOverflowError as StreamOverflowError
 from ._stats import BatchInfo as BatchInfo
 from ._stats import BatchStats as BatchStats
 from ._stats import DispatchReason as DispatchReason
 from ._stats import Percentiles as Percentiles
+from ._streams import END as END
+from ._streams import End as End
+from ._streams import Stream as Stream
+from ._streams import StreamBatch as StreamBatch
+from ._streams import StreamFn as StreamFn
 from ._token import TokenBatcher as TokenBatcher
 from ._types import BatchCost as BatchCost
 from ._types import CostEstimator as CostEstimator
@@ -29,6 +35,7 @@ from ._types import TokenEstimatorFn as TokenEstimatorFn
 __version__ = "0.1.0"
 
 __all__ = [
+    "END",
     "BatchAbortedError",
     "BatchCost",
     "BatchInfo",
@@ -39,12 +46,17 @@ __all__ = [
     "Dispatch",
     "DispatchReason",
     "DynamicBatcher",
+    "End",
     "Grouping",
     "InferenceFn",
     "Percentiles",
     "ProcessFn",
     "Prompt",
     "QueueFullError",
+    "Stream",
+    "StreamBatch",
+    "StreamFn",
+    "StreamOverflowError",
     "TokenBatcher",
     "TokenEstimator",
     "TokenEstimatorFn",

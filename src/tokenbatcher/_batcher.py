@@ -15,6 +15,10 @@ own (see ``_core.py`` for the map).  One record's path through them:
    and delivers the record's result to its future;
 5. ``stop`` (``_lifecycle.py``) drains what is left, or fails it with
    ``BatcherStoppedError`` when it gives up.
+
+A streamed record (``submit_stream``, ``_streaming.py``) takes the same path
+as a ``Channel``; at step 4 each entry the batch yields for it goes to its
+stream at once.
 """
 
 from __future__ import annotations
@@ -22,17 +26,21 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable
 
-from ._calling import as_async
+from ._calling import as_async, is_async_gen
 from ._deadlines import Deadlines
 from ._intake import Intake
 from ._lifecycle import Lifecycle
 from ._processing import Processing
 from ._settings import Settings
 from ._stats import BatchInfo, BatchStats
+from ._streaming import Streaming
+from ._streams import StreamFn
 from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, ProcessFn, RecordT, ResultT
 
 
-class DynamicBatcher(Intake[RecordT, ResultT], Processing[RecordT, ResultT], Lifecycle[RecordT, ResultT]):
+class DynamicBatcher(
+    Intake[RecordT, ResultT], Streaming[RecordT, ResultT], Processing[RecordT, ResultT], Lifecycle[RecordT, ResultT]
+):
     """Batches records from many concurrent producers into cost-budgeted calls.
 
     Each batch is handed to ``process_fn``; each record's future resolves to its
@@ -44,7 +52,11 @@ class DynamicBatcher(Intake[RecordT, ResultT], Processing[RecordT, ResultT], Lif
         process_fn: ``async def f(batch: list[RecordT]) -> list[ResultT]``,
             returning one result per record, in order; or a plain ``def``,
             which is called in a worker thread so it never blocks the event
-            loop (see ``executor``).
+            loop (see ``executor``); or an async generator function
+            ([StreamFn][tokenbatcher.StreamFn]) yielding, per step, one entry
+            per record, which makes a streaming batcher: records then come in
+            by [submit_stream][tokenbatcher.DynamicBatcher.submit_stream] (and ``submit`` and its siblings raise
+            ``TypeError``).
         cost_estimator: ``f(record) -> int``; see [submit][tokenbatcher.DynamicBatcher.submit] for how a
             record's cost is found.
         target_batch_cost: The cost budget of one batch (>= 1).
@@ -90,6 +102,10 @@ class DynamicBatcher(Intake[RecordT, ResultT], Processing[RecordT, ResultT], Lif
             it returns an awaitable, that is awaited on the loop.  A thread
             cannot be stopped: a batch cancelled meanwhile fails at once, and
             what the function returns later is dropped.
+        stream_buffer: A streaming batcher's bound on the entries one stream
+            holds unread (>= 1): ``process_fn`` never waits for a reader,
+            and a stream whose reader falls this far behind fails with
+            [StreamOverflowError][tokenbatcher.StreamOverflowError].  Other batchers ignore it.
 
     Raises:
         TypeError: ``process_fn`` is not callable, or a setting has the wrong type.
@@ -99,7 +115,7 @@ class DynamicBatcher(Intake[RecordT, ResultT], Processing[RecordT, ResultT], Lif
 
     def __init__(
         self,
-        process_fn: ProcessFn[RecordT, ResultT] | Callable[[list[RecordT]], list[ResultT]],
+        process_fn: ProcessFn[RecordT, ResultT] | Callable[[list[RecordT]], list[ResultT]] | StreamFn[RecordT, ResultT],
         *,
         cost_estimator: CostEstimatorFn[RecordT] | None = None,
         target_batch_cost: int = 32_000,
@@ -117,6 +133,7 @@ class DynamicBatcher(Intake[RecordT, ResultT], Processing[RecordT, ResultT], Lif
         priority_aging_s: float = 1.0,
         on_batch: Callable[[BatchInfo], object] | None = None,
         executor: concurrent.futures.Executor | None = None,
+        stream_buffer: int = 10_000,
     ) -> None:
         if not callable(process_fn):
             raise TypeError(f"process_fn must be callable (async or plain), got {process_fn!r}")
@@ -136,10 +153,12 @@ class DynamicBatcher(Intake[RecordT, ResultT], Processing[RecordT, ResultT], Lif
             priority_aging_s=priority_aging_s,
             cost_estimator=cost_estimator,
             on_batch=on_batch,
+            stream_buffer=stream_buffer,
             budget_name=self._budget_name(),
             default_name=self._default_name(),
             estimator_name=self._estimator_name,
         )
+        self._streaming = is_async_gen(process_fn)
         self._init_core(settings, as_async(process_fn, executor))
         self._init_lifecycle()
         self._deadlines = Deadlines(self._expire)

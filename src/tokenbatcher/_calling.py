@@ -6,6 +6,9 @@ Decided once, when the batcher is built (``as_async``):
   object whose ``__call__`` is ``async def`` (and, on Python 3.12+, a function
   marked with ``inspect.markcoroutinefunction``) -- is called on the event
   loop and its coroutine awaited there, as always.
+- An async generator function (an ``async def`` with a ``yield``, also
+  behind ``functools.partial`` or as a class's ``__call__``) makes a
+  streaming batcher: it is iterated on the event loop (``_streaming.py``).
 - Any other callable is called in a worker thread: the loop's default executor
   (where ``asyncio.to_thread`` runs), or the ``executor`` given.  It is
   submitted the moment its batch is handed over, in a copy of the caller's
@@ -31,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, cast
 
 from ._errors import BatchAbortedError
+from ._streams import StreamFn
 from ._types import ProcessFn, RecordT, ResultT
 
 
@@ -41,17 +45,31 @@ def is_async(fn: object) -> bool:
     method, or an object whose class defines ``async def __call__``.  Anything
     else -- a plain function, a lambda, a class -- is plain, whatever it returns.
     """
+    return _declared(fn, inspect.iscoroutinefunction)
+
+
+def is_async_gen(fn: object) -> bool:
+    """True if calling ``fn`` returns an async generator by construction (a streaming ``process_fn``).
+
+    As [is_async][], for an ``async def`` with a ``yield`` in it: also behind
+    ``functools.partial`` or a bound method, or as a class's ``__call__``.
+    """
+    return _declared(fn, inspect.isasyncgenfunction)
+
+
+def _declared(fn: object, test: Callable[[object], bool]) -> bool:
+    """Whether ``fn``, unwrapped from partials, or its class's ``__call__``, passes ``test``."""
     while isinstance(fn, functools.partial):
         fn = fn.func  # pyright: ignore[reportUnknownMemberType]
-    if inspect.iscoroutinefunction(fn):
+    if test(fn):
         return True
     if inspect.isroutine(fn) or isinstance(fn, type):
         return False
-    return inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))  # noqa: B004  (the class's, not callable())
+    return test(getattr(type(fn), "__call__", None))  # noqa: B004  (the class's, not callable())
 
 
 def as_async(
-    fn: ProcessFn[RecordT, ResultT] | Callable[[list[RecordT]], list[ResultT]],
+    fn: ProcessFn[RecordT, ResultT] | Callable[[list[RecordT]], list[ResultT]] | StreamFn[RecordT, ResultT],
     executor: concurrent.futures.Executor | None,
 ) -> ProcessFn[RecordT, ResultT]:
     """Turn the user's batch function into one that returns an awaitable.
@@ -62,7 +80,8 @@ def as_async(
             default executor.
 
     Returns:
-        ``fn`` itself if it is async (``is_async``); otherwise a callable that
+        ``fn`` itself if it is async (``is_async``) or an async generator
+        function (``is_async_gen``: a streaming batcher iterates it); otherwise a callable that
         submits ``fn`` to a worker thread and returns an awaitable of its result.
 
     Raises:
@@ -73,14 +92,14 @@ def as_async(
         raise TypeError(
             f"executor must be a concurrent.futures.Executor or None, got {executor!r} ({type(executor).__name__})"
         )
-    if is_async(fn):
+    if is_async(fn) or is_async_gen(fn):  # an async generator (streaming) is iterated on the loop
         if executor is not None:
             raise ValueError(
                 f"executor is only used by a plain (non-async) process_fn, and {fn!r} is async: "
                 "it runs on the event loop; drop executor="
             )
         return cast("ProcessFn[RecordT, ResultT]", fn)  # it returns an awaitable
-    return InWorker[RecordT, ResultT](fn, executor)
+    return InWorker[RecordT, ResultT](cast("Callable[[list[RecordT]], object]", fn), executor)  # not a StreamFn
 
 
 class InWorker(Generic[RecordT, ResultT]):

@@ -8,6 +8,8 @@ in a module of its own, that share the state declared on [Core][]:
 - ``_pending.py``: the queue, and which records make the next batch;
 - ``_dispatch.py``: when a batch is taken and which slot runs it (window, eager);
 - ``_processing.py``: a slot calls ``process_fn`` and resolves the futures;
+- ``_streaming.py`` (and ``_streams.py``): ``submit_stream``, and a streaming
+  ``process_fn``'s steps handed to the records' streams;
 - ``_lifecycle.py``: start, stop, restart and failure, as a state machine.
 
 This module holds only the plumbing between the queue and the loops that
@@ -67,6 +69,8 @@ class Core(Generic[RecordT, ResultT]):
 
     _settings: Settings
     _process_fn: ProcessFn[RecordT, ResultT]
+    _streaming: bool
+    """``process_fn`` is an async generator function: records come in by ``submit_stream`` only."""
     _pending: Pending
     _deadlines: Deadlines
     _rec: Recorder
@@ -105,6 +109,8 @@ class Core(Generic[RecordT, ResultT]):
         def _check_accepting(self, stopped: asyncio.Future[None] | None) -> None: ...
 
         def _run(self, batch: Batch) -> Coroutine[Any, Any, None]: ...
+
+        def _stream_call(self, live: list[Record[Any]]) -> Coroutine[Any, Any, list[None]]: ...
 
     def _init_core(self, settings: Settings, process_fn: ProcessFn[RecordT, ResultT]) -> None:
         self._process_fn = process_fn

@@ -19,12 +19,21 @@ loop's batcher ends with it and is forgotten: a small watcher task per loop
 notices the shutdown.  A loop closed without cancelling its tasks keeps its
 batcher referenced until the interpreter exits.
 
+An async generator function (a streaming ``process_fn``, see
+[StreamFn][tokenbatcher.StreamFn]) becomes ``await f(record)`` returning the
+record's [Stream][tokenbatcher.Stream], as ``submit_stream`` does::
+
+    @batched(max_batch_size=32)
+    async def generate(prompts: StreamBatch[str]) -> AsyncIterator[list[str | End]]: ...
+
+    async for token in await generate("once upon a time"): ...
+
 On a method, each instance gets its own batchers (one per instance and loop).
 When an instance, or a decorated function, is garbage collected, its running
 batchers are stopped on their loops.
 
-Only the public API of the batcher (``start``, ``submit``, ``stop``,
-``stats``) is used here.
+Only the public API of the batcher (``start``, ``submit``, ``submit_stream``,
+``stop``, ``stats``) is used here.
 """
 
 from __future__ import annotations
@@ -32,14 +41,15 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import weakref
-from collections.abc import Awaitable, Callable
-from typing import Any, Generic, Protocol, TypeVar, overload
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 from typing_extensions import Self, TypedDict, Unpack
 
-from ._calling import is_async
+from ._calling import is_async, is_async_gen
 from ._perloop import PerLoop
 from ._stats import BatchInfo
+from ._streams import End, Stream, StreamBatch
 from ._token import TokenBatcher
 from ._types import BatchCost, Dispatch, Grouping, RecordT, ResultT
 
@@ -72,6 +82,16 @@ class BatcherSettings(TypedDict, total=False):
     priority_aging_s: float
     on_batch: Callable[[BatchInfo], object] | None
     executor: concurrent.futures.Executor | None
+    stream_buffer: int
+
+
+_stream_owners: weakref.WeakKeyDictionary[Stream[Any], object] = weakref.WeakKeyDictionary()
+"""The instance of a batched streaming method, held while its stream lives.
+
+A plain call holds its bound method, and so the instance, until its result
+comes; ``await m.stream(x)`` returns as soon as the record is queued, so the
+stream holds the instance instead (``await Model().m(x)`` works).
+"""
 
 
 def _deref(ref: weakref.ref[Any]) -> Any:
@@ -82,7 +102,19 @@ def _deref(ref: weakref.ref[Any]) -> Any:
 
 
 def _bind(fn: Callable[..., Any], ref: weakref.ref[Any]) -> Callable[[list[Any]], Any]:
-    """``fn`` with its first argument, held weakly, as async or plain as ``fn`` is."""
+    """``fn`` with its first argument, held weakly, as async (or async generator) or plain as ``fn`` is."""
+    if is_async_gen(fn):
+
+        async def bound_stream(batch: list[Any]) -> Any:
+            steps = fn(_deref(ref), batch)
+            try:
+                async for step in steps:
+                    yield step
+            finally:
+                await steps.aclose()
+
+        return bound_stream
+
     if is_async(fn):
 
         async def bound_async(batch: list[Any]) -> Any:
@@ -100,12 +132,14 @@ class BatchedFunction(Generic[RecordT, ResultT]):
     """``await f(record)``: one record in, its own result out, batched with concurrent callers.
 
     Made by [batched][tokenbatcher.batched].  Each running event loop has its
-    own batcher, created and started by the first call in that loop.
+    own batcher, created and started by the first call in that loop.  For a
+    streaming batch function, the result is the record's [Stream][tokenbatcher.Stream].
     """
 
     def __init__(self, fn: Callable[..., Any], settings: BatcherSettings) -> None:
         self._fn = fn
         self._settings = settings
+        self._streams = is_async_gen(fn)
         self._loops: PerLoop[RecordT, ResultT] = PerLoop(fn, settings)
         weakref.finalize(self, self._loops.close_soon)  # dropped (a cell run again): stop its batchers
         self._instances: dict[int, tuple[weakref.ref[Any], PerLoop[RecordT, ResultT]]] = {}
@@ -139,13 +173,27 @@ class BatchedFunction(Generic[RecordT, ResultT]):
             priority: As [DynamicBatcher.submit][tokenbatcher.DynamicBatcher.submit].
 
         Returns:
-            This record's entry of the batch function's result.
+            This record's entry of the batch function's result; for a
+            streaming batch function, this record's [Stream][tokenbatcher.Stream]
+            (as [submit_stream][tokenbatcher.DynamicBatcher.submit_stream]).
 
         Raises:
             Exception: Whatever the batch function raised on this record's batch,
                 or what ``submit`` raises (a bad cost, say).
         """
         batcher = await self._loops.running()
+        if self._streams:  # the overloads of batched() made ResultT this Stream's type
+            stream = await batcher.submit_stream(
+                record,
+                estimated_tokens=estimated_tokens,
+                estimated_cost=estimated_cost,
+                timeout_s=timeout_s,
+                priority=priority,
+            )
+            owner = getattr(self, "__self__", None)
+            if owner is not None:
+                _stream_owners[stream] = owner
+            return cast("ResultT", stream)
         future = await batcher.submit(
             record,
             estimated_tokens=estimated_tokens,
@@ -221,6 +269,7 @@ class _BoundBatched(BatchedFunction[RecordT, ResultT]):
         # No super().__init__(): the loops belong to the instance and are shared by every access.
         self._fn = method._fn
         self._settings = method._settings
+        self._streams = method._streams
         self._loops = loops
         self._instances = {}
         self._lock = method._lock
@@ -251,6 +300,16 @@ class _Decorator:
 
     @overload
     def __call__(
+        self, fn: Callable[[StreamBatch[RecordT]], AsyncIterator[Sequence[ResultT | End]]], /
+    ) -> BatchedFunction[RecordT, Stream[ResultT]]: ...
+
+    @overload
+    def __call__(
+        self, fn: Callable[[OwnerT_contra, StreamBatch[RecordT]], AsyncIterator[Sequence[ResultT | End]]], /
+    ) -> BatchedMethod[OwnerT_contra, RecordT, Stream[ResultT]]: ...
+
+    @overload
+    def __call__(
         self, fn: Callable[[list[RecordT]], Awaitable[list[ResultT]]], /
     ) -> BatchedFunction[RecordT, ResultT]: ...
 
@@ -276,6 +335,18 @@ def _make(fn: Callable[..., Any], settings: BatcherSettings) -> BatchedFunction[
         raise TypeError(f"batched() decorates a batch function, got {fn!r}")
     TokenBatcher(fn, **settings)  # every setting checked now, not at the first call
     return BatchedFunction[Any, Any](fn, settings)
+
+
+@overload
+def batched(
+    fn: Callable[[StreamBatch[RecordT]], AsyncIterator[Sequence[ResultT | End]]], /
+) -> BatchedFunction[RecordT, Stream[ResultT]]: ...
+
+
+@overload
+def batched(
+    fn: Callable[[OwnerT_contra, StreamBatch[RecordT]], AsyncIterator[Sequence[ResultT | End]]], /
+) -> BatchedMethod[OwnerT_contra, RecordT, Stream[ResultT]]: ...
 
 
 @overload
@@ -311,6 +382,10 @@ def batched(fn: Callable[..., Any] | None = None, /, **settings: Unpack[BatcherS
     built with ``settings``; there is one per running event loop, created and
     started by the first call in that loop.  ``f.batcher`` is the running
     loop's batcher (for its ``stats``); ``await f.aclose()`` stops it.
+
+    An async generator function ([StreamFn][tokenbatcher.StreamFn]) streams:
+    ``await f(record)`` returns the record's [Stream][tokenbatcher.Stream]
+    (``async for entry in await f(record)``).
 
     On a method (``async def m(self, records)``), each instance gets its own
     batchers.  Use ``@batched`` bare for the default settings.

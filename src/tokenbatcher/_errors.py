@@ -31,3 +31,15 @@ class BatchAbortedError(RuntimeError):
     as ``__cause__``.  ``SystemExit`` and ``KeyboardInterrupt`` are not the
     batch's failure: they stop the batcher (see [BatcherStoppedError][]).
     """
+
+
+class StreamOverflowError(RuntimeError):
+    """A stream's reader fell ``stream_buffer`` entries behind its batch, so the stream was ended.
+
+    A streaming ``process_fn`` never waits for the readers of its streams: each
+    stream buffers what its reader has not read yet, up to ``stream_buffer``
+    entries (a setting of [DynamicBatcher][tokenbatcher.DynamicBatcher]).  The
+    stream whose buffer is full when its next entry comes ends with this error
+    (after the entries it buffered), and that record is no longer wanted; the
+    rest of the batch goes on.
+    """

@@ -28,6 +28,7 @@ from ._handoff import Handoff
 from ._lifecycle import RUNNING
 from ._pending import Record
 from ._settings import MAX_COST, MAX_PRIORITY, MIN_PRIORITY, bad_cost, check_int, check_seconds
+from ._streams import use_submit_stream
 from ._types import RecordT, ResultT
 
 
@@ -66,10 +67,13 @@ class Intake(Core[RecordT, ResultT]):
             return self._request_timeout_s
         return check_seconds("timeout_s", timeout_s, allow_zero=False, capped=True)
 
-    def _enqueue(self, item: RecordT, cost: int, timeout_s: float | None, priority: int) -> asyncio.Future[ResultT]:
+    def _enqueue(
+        self, item: RecordT, cost: int, timeout_s: float | None, priority: int, kind: type[Record[Any]] = Record
+    ) -> Record[Any]:
+        """Queue ``item`` as a new ``kind`` (a ``Record``; a ``Channel`` for ``submit_stream``); return it."""
         loop = self._loop
         assert loop is not None
-        rec: Record[ResultT] = Record(loop=loop)
+        rec = kind(loop=loop)
         rec.item = item
         rec.cost = cost
         rec.t = now = loop.time()
@@ -119,6 +123,8 @@ class Intake(Core[RecordT, ResultT]):
             TypeError: A cost, ``timeout_s`` or ``priority`` of the wrong type.
             ValueError: A negative cost or a non-positive ``timeout_s``.
         """
+        if self._streaming:
+            raise use_submit_stream("submit", self)
         if self._state is not RUNNING or asyncio.get_running_loop() is not self._loop:
             self._refuse()
         cost = self._cost(record, estimated_cost)
@@ -176,6 +182,8 @@ class Intake(Core[RecordT, ResultT]):
                 record was not accepted (and is counted in ``total_rejected``).
             RuntimeError: As [submit][].
         """
+        if self._streaming:
+            raise use_submit_stream("submit_nowait", self)
         if self._state is not RUNNING or asyncio.get_running_loop() is not self._loop:
             self._refuse()
         cost = self._cost(record, estimated_cost)
@@ -217,6 +225,8 @@ class Intake(Core[RecordT, ResultT]):
                 never be queued at once); nothing was queued.
             RuntimeError: As [submit][].
         """
+        if self._streaming:
+            raise use_submit_stream("submit_batch", self)
         n = len(records)
         if estimated_cost is not None and len(estimated_cost) != n:
             raise ValueError(
@@ -260,6 +270,8 @@ class Intake(Core[RecordT, ResultT]):
             TypeError: A ``timeout_s`` or ``priority`` of the wrong type.
             ValueError: A ``timeout_s`` or ``priority`` out of range.
         """
+        if self._streaming:
+            raise use_submit_stream("submit_threadsafe", self)
         loop = self._loop
         if self._state is not RUNNING or loop is None:
             self._refuse()

@@ -15,6 +15,9 @@ returns.  Failures map to the futures as follows:
 | on the event loop                             | stops                                   |
 | returns a non-list, or the wrong count        | ``TypeError`` / ``ValueError``          |
 
+A streaming ``process_fn`` (an async generator function) is run the same
+way; ``_streaming.py`` says how its steps reach the records' streams.
+
 Afterwards the ``on_batch`` hook gets a [BatchInfo][tokenbatcher.BatchInfo];
 what it raises is logged and ignored (but ``KeyboardInterrupt`` and
 ``SystemExit`` stop the batcher).
@@ -86,7 +89,8 @@ class Processing(Core[RecordT, ResultT]):
         loop = self._loop
         assert loop is not None
         try:
-            awaitable = self._process_fn([rec.item for rec in live])
+            # a streaming process_fn is an async generator: the task iterates it (_streaming.py)
+            awaitable = self._stream_call(live) if self._streaming else self._process_fn([rec.item for rec in live])
         except (KeyboardInterrupt, SystemExit) as exc:
             self._stop_on(exc, "process_fn")
             raise

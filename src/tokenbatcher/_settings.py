@@ -112,6 +112,7 @@ class Settings:
     priority_aging_s: float = 1.0
     cost_estimator: Callable[[Any], int] | None = None
     on_batch: Callable[[BatchInfo], object] | None = None
+    stream_buffer: int = 10_000
     budget_name: str = field(default="target_batch_cost", repr=False, compare=False)
     default_name: str = field(default="default_cost", repr=False, compare=False)
     estimator_name: str = field(default="cost_estimator", repr=False, compare=False)
@@ -145,6 +146,7 @@ class Settings:
         check_int("max_concurrent_batches", self.max_concurrent_batches, 1)
         check_choice("batch_cost", self.batch_cost, ("sum", "padded"))
         check_choice("grouping", self.grouping, ("fifo", "similar_cost"))
+        check_int("stream_buffer", self.stream_buffer, 1)
 
     def replace(self, **changes: Any) -> Settings:
         """A validated copy with ``changes`` applied (all or nothing: a bad value raises, nothing changes)."""

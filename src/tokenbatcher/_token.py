@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from ._batcher import DynamicBatcher
 from ._settings import MAX_COST, bad_cost
 from ._stats import BatchInfo
+from ._streams import Stream, StreamFn
 from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, ProcessFn, RecordT, ResultT
 
 
@@ -41,6 +42,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         priority_aging_s: As [DynamicBatcher][].
         on_batch: As [DynamicBatcher][].
         executor: As [DynamicBatcher][].
+        stream_buffer: As [DynamicBatcher][].
 
     Raises:
         TypeError: Neither ``inference_fn`` nor ``process_fn`` was given, or as
@@ -65,9 +67,15 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
 
     def __init__(
         self,
-        inference_fn: ProcessFn[RecordT, ResultT] | Callable[[list[RecordT]], list[ResultT]] | None = None,
+        inference_fn: ProcessFn[RecordT, ResultT]
+        | Callable[[list[RecordT]], list[ResultT]]
+        | StreamFn[RecordT, ResultT]
+        | None = None,
         *,
-        process_fn: ProcessFn[RecordT, ResultT] | Callable[[list[RecordT]], list[ResultT]] | None = None,
+        process_fn: ProcessFn[RecordT, ResultT]
+        | Callable[[list[RecordT]], list[ResultT]]
+        | StreamFn[RecordT, ResultT]
+        | None = None,
         token_estimator: CostEstimatorFn[RecordT] | None = None,
         cost_estimator: CostEstimatorFn[RecordT] | None = None,
         target_batch_tokens: int | None = None,
@@ -87,6 +95,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         priority_aging_s: float = 1.0,
         on_batch: Callable[[BatchInfo], object] | None = None,
         executor: concurrent.futures.Executor | None = None,
+        stream_buffer: int = 10_000,
     ) -> None:
         fn = inference_fn if inference_fn is not None else process_fn
         if fn is None:
@@ -110,6 +119,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
             priority_aging_s=priority_aging_s,
             on_batch=on_batch,
             executor=executor,
+            stream_buffer=stream_buffer,
         )
 
     def _budget_name(self) -> str:
@@ -156,6 +166,22 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
             priority=priority,
         )
         return await future
+
+    async def submit_stream(
+        self,
+        record: RecordT,
+        *,
+        estimated_tokens: int | None = None,
+        estimated_cost: int | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+    ) -> Stream[ResultT]:
+        """As [DynamicBatcher.submit_stream][], with ``estimated_tokens``."""
+        if estimated_tokens is not None:
+            estimated_cost = _tokens(estimated_tokens)
+        return await super().submit_stream(
+            record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority
+        )
 
     def submit_nowait(
         self,

@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from typing_extensions import assert_type
 
 from tokenbatcher import (
+    END,
     BatchInfo,
     BatchStats,
     CostEstimator,
     DispatchReason,
     DynamicBatcher,
+    End,
     Percentiles,
     Prompt,
+    Stream,
+    StreamBatch,
+    StreamOverflowError,
     TokenBatcher,
     TokenEstimator,
 )
@@ -79,3 +86,32 @@ async def token() -> None:
 
 def protocols(doc: Doc, prompt: Prompt) -> tuple[TokenEstimator, TokenEstimator, bool]:
     return doc, prompt, isinstance(doc, CostEstimator)
+
+
+async def decode(batch: StreamBatch[Prompt]) -> AsyncIterator[list[str | End]]:
+    for step in range(3):
+        yield [p.text[step:] if batch.wanted(i) and step < len(p.text) else END for i, p in enumerate(batch)]
+
+
+async def measure(batch: list[str]) -> AsyncIterator[tuple[int, ...]]:  # a plain list, never END
+    yield tuple(len(s) for s in batch)
+
+
+async def streams() -> None:
+    tokens = TokenBatcher(decode, stream_buffer=1_000, max_batch_size=8)
+    assert_type(tokens, TokenBatcher[Prompt, str])
+    async with tokens as b:
+        stream = await b.submit_stream(Prompt("hi"), estimated_tokens=2, timeout_s=1.0, priority=1)
+        assert_type(stream, Stream[str])
+        async with contextlib.aclosing(stream):
+            async for token in stream:
+                assert_type(token, str)
+    lengths_of = DynamicBatcher(measure)
+    assert_type(lengths_of, DynamicBatcher[str, int])
+    async with lengths_of as b:
+        assert_type(await anext(await b.submit_stream("abc")), int)
+    entry: str | End = END
+    if entry is not END:
+        assert_type(entry, str)
+    error: RuntimeError = StreamOverflowError("behind")
+    del error

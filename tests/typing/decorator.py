@@ -7,12 +7,12 @@ each call returns.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from typing_extensions import assert_type
 
-from tokenbatcher import BatchStats, Prompt, TokenBatcher, batched
+from tokenbatcher import END, BatchStats, End, Prompt, Stream, StreamBatch, TokenBatcher, batched
 
 
 @batched(target_batch_tokens=8_000, max_batch_size=64, dispatch="eager")
@@ -52,6 +52,30 @@ class Model:
     @batched
     def classify(self, xs: list[float]) -> list[bool]:
         return [x > self.scale for x in xs]
+
+
+@batched(max_batch_size=16, stream_buffer=512)
+async def generate(prompts: StreamBatch[str]) -> AsyncIterator[list[str | End]]:
+    yield [p if prompts.wanted(i) else END for i, p in enumerate(prompts)]
+
+
+@batched
+async def spell(words: list[str]) -> AsyncIterator[list[str]]:
+    yield [w[:1] for w in words]
+
+
+class Decoder:
+    @batched(max_batch_size=4)
+    async def tokens(self, prompts: StreamBatch[str]) -> AsyncIterator[list[int | End]]:
+        yield [len(p) for p in prompts]
+
+
+async def streams(decoder: Decoder) -> None:
+    assert_type(await generate("once"), Stream[str])
+    async for token in await generate("upon", estimated_tokens=2, priority=1):
+        assert_type(token, str)
+    assert_type(await spell("abc"), Stream[str])
+    assert_type(await decoder.tokens("a time"), Stream[int])
 
 
 async def calls(model: Model) -> None:
