@@ -103,23 +103,28 @@ def test_similar_take_keeps_head_budget_size_and_is_as_tight_as_the_oracle(
         loop.close()
 
 
-def test_forgotten_records_free_their_place_at_once_and_stale_entries_are_bounded() -> None:
+@pytest.mark.parametrize("similar", [False, True])
+@pytest.mark.parametrize("priorities", [False, True])
+def test_forgotten_records_free_their_place_at_once_and_stale_entries_are_bounded(
+    similar: bool, priorities: bool
+) -> None:
     loop = asyncio.new_event_loop()
     try:
-        for similar in (False, True):
-            pending = Pending(budget=10**9, max_size=256, padded=False, similar=similar)
-            records = make_records(loop, [i % 700 for i in range(20_000)])
-            for rec in records:
-                pending.push(rec)
-            for rec in records[:19_990]:
-                rec.cancel()
-                pending.forget(rec)
-            assert pending.size == 10
-            # a rebuild ran: what is stored is proportional to the live records
-            assert len(pending._order) <= 4 * 10 + 1024 + 1
-            batch, _ = pending.take()
-            assert [r.item for r in batch] == list(range(19_990, 20_000))
-            assert pending.size == 0
+        pending = Pending(budget=10**9, max_size=256, padded=False, similar=similar)
+        levels = [i % 3 for i in range(20_000)] if priorities else None
+        records = make_records(loop, [i % 700 for i in range(20_000)], levels)
+        for rec in records:
+            pending.push(rec)
+        for rec in records[:19_990]:
+            rec.cancel()
+            pending.forget(rec)
+        assert pending.size == 10
+        # rebuilds ran: what is stored is proportional to the live records
+        structures = 2 if similar else 1  # the dispatch order, and the cost buckets
+        assert pending._entries() <= structures * (2 * 10 + 1024 + 1)
+        batch, _ = pending.take()
+        assert batch == sorted(records[19_990:])
+        assert pending.size == 0
     finally:
         loop.close()
 
