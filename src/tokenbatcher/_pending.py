@@ -107,6 +107,10 @@ def _bucket(cost: int) -> int:
 
 _Lane: TypeAlias = "deque[Record[Any]]"
 _Front: TypeAlias = "tuple[float, int, deque[Record[Any]]]"
+_Top: TypeAlias = "tuple[float, int, int]"
+
+_NOTHING_REFUSED = -1
+_BUDGET_MET = -2
 
 
 class _Lanes:
@@ -117,10 +121,11 @@ class _Lanes:
     opens a new lane, so every lane is sorted whatever happens.  ``fronts``
     holds one ``(key, seq, lane)`` entry per non-empty lane, never later than
     the lane's first live record: taking a record or forgetting one only makes
-    an entry early, and ``head`` puts it right when it reaches the top.
+    an entry early, and ``head`` puts the entries right on its way to the first
+    live record.
     """
 
-    __slots__ = ("by_offset", "entries", "fronts")
+    __slots__ = ("by_offset", "entries", "fronts", "listed")
 
     def __init__(self) -> None:
         self.by_offset: dict[float, _Lane] = {}
@@ -128,6 +133,8 @@ class _Lanes:
         self.fronts: list[_Front] = []
         self.entries = 0
         """Records held, stale ones included."""
+        self.listed: _Top | None = None
+        """A cost bucket's entry in ``Pending._tops``, never later than ``fronts[0]``."""
 
     def push(self, rec: Record[Any]) -> None:
         key = rec.key
@@ -149,14 +156,17 @@ class _Lanes:
         self.entries += 1
 
     def head(self) -> Record[Any] | None:
-        """The first live record in dispatch order, after discarding stale entries in front of it."""
+        """The first live record in dispatch order; ``fronts[0]`` is then its entry, exactly.
+
+        Stale entries in front of it are discarded on the way.
+        """
         fronts = self.fronts
         while fronts:
             _, seq, lane = fronts[0]
             while lane:
                 rec = lane[0]
                 if rec.queued:
-                    if rec.seq == seq or len(fronts) == 1:
+                    if rec.seq == seq:
                         return rec
                     heapq.heapreplace(fronts, (rec.key, rec.seq, lane))
                     break
@@ -182,7 +192,7 @@ class _Lanes:
             yield from lane
 
     def compact(self) -> None:
-        """Drop every stale entry."""
+        """Drop every stale entry; every entry in ``fronts`` is then exact."""
         fronts: list[_Front] = []
         for _, _, lane in self.fronts:
             live = [rec for rec in lane if rec.queued]
@@ -196,6 +206,94 @@ class _Lanes:
         self.by_offset = {offset: lane for offset, lane in self.by_offset.items() if lane}
 
 
+def _fill(
+    lanes: _Lanes, batch: list[Record[Any]], n: int, total: int, largest: int, budget: int, max_size: int, padded: bool
+) -> tuple[int, int, int, int]:
+    """Move records from ``lanes`` to ``batch``, in dispatch order, while they fit.
+
+    ``n``, ``total`` and ``largest`` describe ``batch`` (not empty).  Returns
+    them updated, and why it stopped: the cost of the record that did not fit,
+    ``_BUDGET_MET`` when the batch's cost reached the budget exactly, else
+    ``_NOTHING_REFUSED`` (the lanes ran out, or ``batch`` reached ``max_size``).
+    """
+    fronts = lanes.fronts
+    append = batch.append
+    heapreplace = heapq.heapreplace
+    taken = n
+    stop = _NOTHING_REFUSED
+    while n < max_size and fronts:
+        if len(fronts) == 1:
+            # One lane: a plain FIFO (its entry may stay early: no other lane to order).
+            lane = fronts[0][2]
+            while n < max_size:
+                rec = lane[0]
+                if rec.queued:
+                    cost = rec.cost
+                    if padded:
+                        new_largest = cost if cost > largest else largest
+                        counted = (n + 1) * new_largest
+                    else:
+                        new_largest = largest
+                        counted = total + cost
+                    if counted > budget:
+                        stop = cost
+                        break
+                    rec.queued = False
+                    append(rec)
+                    n += 1
+                    total += cost
+                    largest = new_largest
+                    if counted == budget:
+                        stop = _BUDGET_MET
+                else:
+                    lanes.entries -= 1
+                lane.popleft()
+                if not lane:
+                    heapq.heappop(fronts)
+                    break
+                if stop != _NOTHING_REFUSED:
+                    break
+            else:
+                continue  # max_size: the outer loop ends
+            break
+        # Several lanes: the first live record is the front of the top lane,
+        # unless that is stale or the top entry early (then ``head`` sets
+        # them right).
+        _, seq, lane = fronts[0]
+        rec = lane[0]
+        if not rec.queued or rec.seq is not seq:
+            found = lanes.head()
+            if found is None:
+                break
+            rec, lane = found, fronts[0][2]
+        cost = rec.cost
+        if padded:
+            new_largest = cost if cost > largest else largest
+            counted = (n + 1) * new_largest
+        else:
+            new_largest = largest
+            counted = total + cost
+        if counted > budget:
+            stop = cost
+            break
+        lane.popleft()
+        if lane:
+            after = lane[0]
+            heapreplace(fronts, (after.key, after.seq, lane))
+        else:
+            heapq.heappop(fronts)
+        rec.queued = False
+        append(rec)
+        n += 1
+        total += cost
+        largest = new_largest
+        if counted == budget:
+            stop = _BUDGET_MET
+            break
+    lanes.entries -= n - taken
+    return n, total, largest, stop
+
+
 class Pending:
     """The queue of records not yet in a batch."""
 
@@ -204,11 +302,16 @@ class Pending:
         self._max_size = max_size
         self._padded = padded
         self._similar = similar
-        self._fifo: deque[Record[Any]] = deque()  # the dispatch order while every priority is 0
-        self._lanes: _Lanes | None = None  # the dispatch order once another priority came
+        # The dispatch order, with grouping="fifo": a deque while every
+        # priority is 0, lanes once another priority came.
+        self._fifo: deque[Record[Any]] = deque()
+        self._lanes: _Lanes | None = None
         self._prefix = not similar  # batches are prefixes of ``_fifo``, measured as records come
+        # With grouping="similar_cost": cost buckets, each in dispatch order,
+        # and a heap of the buckets' first records for the head.
         self._buckets: dict[int, _Lanes] = {}
-        self._nonempty: list[int] = []  # sorted indices of buckets that hold entries
+        self._nonempty: list[int] = []  # sorted indices of the buckets that may hold live records
+        self._tops: list[_Top] = []  # ``(key, seq, index)``: ``listed`` entries of the buckets, and superseded ones
         self._forgotten = 0  # records forgotten since the structures were last rebuilt
         # What the queued records would make as one batch.  With ``_prefix``,
         # measured in queue order: ``_take_prefix`` takes exactly that prefix.
@@ -236,26 +339,17 @@ class Pending:
         """Queue a record (its ``key``, ``seq`` and ``cost`` already set; ``seq`` unique)."""
         rec.queued = True
         cost = rec.cost
-        lanes = self._lanes
-        if lanes is None and rec.key == rec.t:
+        if self._similar:
+            self._push_similar(rec, cost)
+        elif self._lanes is None and rec.key == rec.t:
             self._fifo.append(rec)
         else:
+            lanes = self._lanes
             if lanes is None:
                 lanes = self._to_lanes()
             lanes.push(rec)
         self.size += 1
         self._total += cost
-        if self._similar:
-            index = rec.bucket = _bucket(cost)
-            bucket = self._buckets.get(index)
-            if bucket is None:
-                bucket = self._buckets[index] = _Lanes()
-            if not bucket.fronts:  # listed unless a look at its front found it empty
-                nonempty = self._nonempty
-                at = bisect.bisect_left(nonempty, index)
-                if at == len(nonempty) or nonempty[at] != index:
-                    nonempty.insert(at, index)
-            bucket.push(rec)
         if not self.full:
             if self._prefix:
                 self._fill_phys += 1
@@ -266,6 +360,25 @@ class Pending:
                 counted = self.size * self._fill_max if self._padded else self._total
                 self.full = counted >= self._budget or self.size >= self._max_size
 
+    def _push_similar(self, rec: Record[Any], cost: int) -> None:
+        index = rec.bucket = _bucket(cost)
+        bucket = self._buckets.get(index)
+        if bucket is None:
+            bucket = self._buckets[index] = _Lanes()
+        if not bucket.fronts:  # listed unless a look at its front found it empty
+            nonempty = self._nonempty
+            at = bisect.bisect_left(nonempty, index)
+            if at == len(nonempty) or nonempty[at] != index:
+                nonempty.insert(at, index)
+        bucket.push(rec)
+        if bucket.fronts[0][1] == rec.seq:
+            # The record comes first in its bucket: the bucket's entry in
+            # ``_tops`` must not be later than it.
+            key, seq, listed = rec.key, rec.seq, bucket.listed
+            if listed is None or listed[0] > key or (listed[0] == key and listed[1] > seq):
+                bucket.listed = entry = (key, seq, index)
+                heapq.heappush(self._tops, entry)
+
     def _to_lanes(self) -> _Lanes:
         """The first record with a priority came: the queue moves into lanes until it empties."""
         lanes = self._lanes = _Lanes()
@@ -273,9 +386,8 @@ class Pending:
             if rec.queued:
                 lanes.push(rec)
         self._fifo = deque()
-        if self._prefix:
-            self._prefix = False
-            self._measure()
+        self._prefix = False
+        self._measure()
         return lanes
 
     def forget(self, rec: Record[Any]) -> None:
@@ -345,8 +457,17 @@ class Pending:
                 if costs:
                     return max(costs)
             return 0
-        records: Iterator[Record[Any]] | deque[Record[Any]] = self._fifo if self._lanes is None else iter(self._lanes)
-        return max((rec.cost for rec in records if rec.queued), default=0)
+        return max((rec.cost for rec in self._records() if rec.queued), default=0)
+
+    def _records(self) -> Iterator[Record[Any]]:
+        """Every entry, stale ones included."""
+        if self._similar:
+            for index in self._nonempty:
+                yield from self._buckets[index]
+        elif self._lanes is None:
+            yield from self._fifo
+        else:
+            yield from self._lanes
 
     def _reset(self) -> None:
         self._fifo = deque()
@@ -354,6 +475,7 @@ class Pending:
         self._prefix = not self._similar
         self._buckets.clear()
         self._nonempty.clear()
+        self._tops.clear()
         self._forgotten = 0
         self._total = 0
         self._fill_max = 0
@@ -362,29 +484,36 @@ class Pending:
     def _rebuild(self) -> None:
         """Drop every stale entry (amortized: it runs once per ``size`` forgotten records)."""
         self._forgotten = 0
-        self._compact_order()
         if self._similar:
+            buckets = self._buckets
             for index in self._nonempty:
-                self._buckets[index].compact()
-            self._nonempty = [index for index in self._nonempty if self._buckets[index].fronts]
-            self._buckets = {index: self._buckets[index] for index in self._nonempty}
-        self._refill()
-
-    def _compact_order(self) -> None:
-        if self._lanes is None:
+                buckets[index].compact()
+            self._nonempty = [index for index in self._nonempty if buckets[index].fronts]
+            self._buckets = buckets = {index: buckets[index] for index in self._nonempty}
+            self._tops = []
+            for index, bucket in buckets.items():
+                key, seq, _ = bucket.fronts[0]
+                bucket.listed = entry = (key, seq, index)
+                self._tops.append(entry)
+            heapq.heapify(self._tops)
+        elif self._lanes is None:
             self._fifo = deque([rec for rec in self._fifo if rec.queued])
         else:
             self._lanes.compact()
+        self._refill()
 
     # ------------------------------------------------------------------ reading
 
     def _entries(self) -> int:
         """Entries held in every structure, stale ones included (what memory is proportional to)."""
-        order = len(self._fifo) if self._lanes is None else self._lanes.entries
-        return order + sum(bucket.entries for bucket in self._buckets.values())
+        if self._similar:
+            return sum(bucket.entries for bucket in self._buckets.values()) + len(self._tops)
+        return len(self._fifo) if self._lanes is None else self._lanes.entries
 
     def _head(self) -> Record[Any] | None:
         """The live record at the head, after discarding stale entries in front of it."""
+        if self._similar:
+            return self._similar_head()
         if self._lanes is not None:
             return self._lanes.head()
         fifo = self._fifo
@@ -393,6 +522,26 @@ class Pending:
             if rec.queued:
                 return rec
             fifo.popleft()
+        return None
+
+    def _similar_head(self) -> Record[Any] | None:
+        """The head: the first of the buckets' first records (``_tops`` put right on the way)."""
+        tops, buckets = self._tops, self._buckets
+        while tops:
+            entry = tops[0]
+            bucket = buckets[entry[2]]
+            if entry is not bucket.listed:
+                heapq.heappop(tops)  # superseded by an earlier entry of the same bucket
+                continue
+            rec = bucket.head()
+            if rec is None:
+                heapq.heappop(tops)
+                bucket.listed = None
+            elif rec.seq == entry[1]:
+                return rec
+            else:
+                bucket.listed = entry = (rec.key, rec.seq, entry[2])
+                heapq.heapreplace(tops, entry)
         return None
 
     def oldest_time(self) -> float:
@@ -419,26 +568,25 @@ class Pending:
             self.size -= len(batch)
             self._total -= sum(rec.cost for rec in batch)
         else:
-            head = self._head()
-            assert head is not None
-            if self._lanes is None:
-                self._fifo.popleft()
-            else:
-                self._lanes.pop_head()
-            head.queued = False
             if self._similar:
+                head = self._similar_head()
+                assert head is not None
+                self._buckets[head.bucket].pop_head()
+                head.queued = False
                 batch, limit, total = self._take_similar(head)
             else:
-                batch, limit, total = self._take_lanes(head)
+                lanes = self._lanes
+                assert lanes is not None
+                head = lanes.head()
+                assert head is not None
+                lanes.pop_head()
+                head.queued = False
+                batch, limit, total = self._take_lanes(lanes, head)
             self.size -= len(batch)
             self._total -= total
         if not self.size:
             self._reset()
         else:
-            if self._similar:
-                entries = len(self._fifo) if self._lanes is None else self._lanes.entries
-                if entries > 2 * self.size + _SLACK:
-                    self._compact_order()  # the batch's entries there went stale
             self._refill()
         return batch, limit
 
@@ -459,51 +607,16 @@ class Pending:
             limit = "max_size" if self._fill_n >= self._max_size else "budget"
         return batch, limit
 
-    def _take_lanes(self, head: Record[Any]) -> tuple[list[Record[Any]], Limit | None, int]:
+    def _take_lanes(self, lanes: _Lanes, head: Record[Any]) -> tuple[list[Record[Any]], Limit | None, int]:
         """FIFO with priorities: the head, then records in dispatch order while the next fits."""
-        budget, max_size, padded = self._budget, self._max_size, self._padded
         batch = [head]
-        n, total, largest = 1, head.cost, head.cost
-        if total >= budget:  # batch_cost(1, ...): one record's cost, padded or not
+        cost = head.cost
+        if cost >= self._budget:  # batch_cost(1, ...): one record's cost, padded or not
+            return batch, "budget", cost
+        n, total, _, stop = _fill(lanes, batch, 1, cost, cost, self._budget, self._max_size, self._padded)
+        if stop != _NOTHING_REFUSED:
             return batch, "budget", total
-        lanes = self._lanes
-        assert lanes is not None
-        fronts = lanes.fronts
-        limit: Limit | None = "max_size"
-        while n < max_size:
-            # The first live record: the front of the top lane, unless the top
-            # entry is early or the front stale (then ``head`` sets them right).
-            if not fronts:
-                limit = None
-                break
-            _, seq, lane = fronts[0]
-            rec = lane[0]
-            if not rec.queued or (rec.seq != seq and len(fronts) > 1):
-                found = lanes.head()
-                if found is None:
-                    limit = None
-                    break
-                rec, lane = found, fronts[0][2]
-            cost = rec.cost
-            new_largest = cost if cost > largest else largest
-            counted = (n + 1) * new_largest if padded else total + cost
-            if counted > budget:
-                limit = "budget"
-                break
-            lane.popleft()
-            if not lane:
-                heapq.heappop(fronts)
-            elif len(fronts) > 1:
-                after = lane[0]
-                heapq.heapreplace(fronts, (after.key, after.seq, lane))
-            rec.queued = False
-            batch.append(rec)
-            n, total, largest = n + 1, total + cost, new_largest
-            if counted == budget:
-                limit = "budget"
-                break
-        lanes.entries -= n - 1
-        return batch, limit, total
+        return batch, "max_size" if n >= self._max_size else None, total
 
     def _take_similar(self, head: Record[Any]) -> tuple[list[Record[Any]], Limit | None, int]:
         """The head, then the nearest buckets outward, each in dispatch order."""
@@ -513,7 +626,7 @@ class Pending:
         full = total >= budget  # batch_cost(1, ...): one record's cost, padded or not
         nonempty, buckets = self._nonempty, self._buckets
         where = head.bucket
-        if buckets[where].head() is None:  # the head was all its bucket held (its entry goes now)
+        if buckets[where].head() is None:  # the head was all its bucket held
             nonempty.pop(bisect.bisect_left(nonempty, where))
         anchor = math.log2(head.cost + 1)
         right = bisect.bisect_left(nonempty, where)  # the head's bucket, if it has more
@@ -531,48 +644,19 @@ class Pending:
                     lf = buckets[nonempty[left]].head()
                     if r is not None and lf is not None:
                         go_right = abs(math.log2(r.cost + 1) - anchor) <= abs(anchor - math.log2(lf.cost + 1))
-            index = nonempty[right] if go_right else nonempty[left]
-            bucket = buckets[index]
-            fronts = bucket.fronts
-            blocked = False
-            cost = 0
-            taken = n
-            while n < max_size and fronts:
-                # The bucket's first live record, as in ``_take_lanes``.
-                _, seq, lane = fronts[0]
-                rec = lane[0]
-                if not rec.queued or (rec.seq != seq and len(fronts) > 1):
-                    found = bucket.head()
-                    if found is None:
-                        break
-                    rec, lane = found, fronts[0][2]
-                cost = rec.cost
-                new_largest = cost if cost > largest else largest
-                counted = (n + 1) * new_largest if padded else total + cost
-                if counted > budget:
-                    blocked = True
-                    # Padded, a record no larger than the largest adds ``largest``:
-                    # if it does not fit, nothing does.
-                    full = padded and cost <= largest
-                    break
-                lane.popleft()
-                if not lane:
-                    heapq.heappop(fronts)
-                elif len(fronts) > 1:
-                    after = lane[0]
-                    heapq.heapreplace(fronts, (after.key, after.seq, lane))
-                rec.queued = False
-                batch.append(rec)
-                n, total, largest = n + 1, total + cost, new_largest
-                if counted == budget:
-                    full = True
-                    break
-            bucket.entries -= n - taken
+            bucket = buckets[nonempty[right] if go_right else nonempty[left]]
+            n, total, largest, stop = _fill(bucket, batch, n, total, largest, budget, max_size, padded)
+            if stop == _BUDGET_MET:
+                full = True
+            elif stop >= 0:
+                # Padded, a record no larger than the largest adds ``largest``:
+                # if it does not fit, nothing does.
+                full = padded and stop <= largest
             emptied = bucket.head() is None
             if emptied:
                 nonempty.pop(right if go_right else left)
             if go_right:
-                if blocked and cost >= head.cost:
+                if stop >= head.cost:
                     right = len(nonempty)  # costs only grow to the right: nothing more fits there
                 elif not emptied:
                     right += 1
@@ -581,7 +665,7 @@ class Pending:
                     right -= 1
                 left -= 1
         if n > 1:
-            batch.sort(key=_dispatch_order)  # their entries in the dispatch order are now stale, and go lazily
+            batch.sort(key=_dispatch_order)  # each bucket gave its records in dispatch order
         if n >= max_size:
             return batch, "max_size", total
         return batch, "budget" if full or self.size > n else None, total
@@ -589,10 +673,10 @@ class Pending:
     def clear(self) -> list[Record[Any]]:
         """Remove and return every queued record."""
         self.peak = max(self.peak, self.size)
-        if self._lanes is None:
+        if self._prefix:
             everything = [rec for rec in self._fifo if rec.queued]
         else:
-            everything = sorted((rec for rec in self._lanes if rec.queued), key=_dispatch_order)
+            everything = sorted((rec for rec in self._records() if rec.queued), key=_dispatch_order)
         for rec in everything:
             rec.queued = False
         self.size = 0
