@@ -2,12 +2,12 @@
 
 Every accepted record is a [Record][], the future its caller awaits.  Queued
 records wait in dispatch order, ``(key, seq)`` where ``key = submit time +
-priority * priority_aging_s``: a deque while every record has priority 0.  From
-the first record that has another priority until the queue empties, they wait
-in *lanes*: one deque per priority (records of one priority arrive in dispatch
-order), and a small heap of the lanes' first records picks the head, so a
-record costs O(log P) to take, P the number of priorities queued, whatever the
-depth of the queue.
+priority * priority_aging_s``.  While every record has priority 0 that is a
+deque.  From the first record that has another priority until the queue
+empties, records wait in *lanes*: a deque per priority (records of one
+priority arrive in dispatch order) and a small heap of the lanes' first
+records, which picks the head.  Taking a record costs O(log P), P the number of
+priorities queued, whatever the depth of the queue.
 
 A batch is taken from the head:
 
@@ -15,24 +15,29 @@ A batch is taken from the head:
 * ``grouping="similar_cost"``: the head record, always, then records from the
   cost buckets nearest to its own, outward.  Buckets split costs on a log scale
   (``BUCKETS_PER_OCTAVE`` to each doubling: records in one bucket differ by
-  at most ~2%), and each bucket keeps its records in dispatch order (in lanes
-  of its own), so a batch costs O(batch * log P + buckets) to form, whatever
-  the depth of the queue.  Because every batch takes the head, a record with
+  at most ~2%), each bucket keeps its records in dispatch order (lanes of its
+  own), and the head is the first of the buckets' first records (a heap of
+  them).  A batch costs O(batch * log P + buckets) to form, whatever the
+  depth of the queue.  Because every batch takes the head, a record with
   ``r`` live records ahead of it is dispatched within ``r + 1`` batches, as in
-  FIFO.
+  FIFO (records that come ahead of it later, with a better priority, count in
+  ``r``).
 
 "Fits" is the hard budget: the batch's cost (``sum`` of costs, or ``padded``:
 size times the largest cost) stays within ``budget`` and its size within
 ``max_size``; only a record that alone exceeds the budget is taken alone.  A
 batch is handed over in dispatch order.
 
+``full`` tells whether the queued records would fill a batch: whether they
+could not all go as one batch.  With ``grouping="fifo"`` and no priorities, the
+batch is the queue's prefix that ``push`` measures record by record; otherwise
+``full`` is kept from the queue's size, total and largest cost.
+
 A record whose future is cancelled or expires while queued is *forgotten* at
 once: it stops counting in ``size`` (so it frees its place in the queue), and
-its entry is skipped and discarded when it reaches the front of a structure.
+its entry is skipped and discarded when it reaches the front of its lane.
 When forgotten records outnumber the live ones, the structures are rebuilt
-without them; the dispatch order of ``similar_cost``, whose entries go stale as
-buckets hand their records to batches, is compacted when stale entries
-outnumber the live ones.  Memory stays proportional to the live records.
+without them, so memory stays proportional to the live records.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ BUCKETS_PER_OCTAVE = 32
 """``grouping="similar_cost"``: cost buckets per doubling of cost (each ~2% wide)."""
 
 _SLACK = 1024  # stale entries tolerated before a rebuild, on top of one per live record
+_TOPS_SLACK = 64  # superseded entries in ``Pending._tops`` tolerated, on top of one per bucket
 
 _dispatch_order = attrgetter("key", "seq")
 
@@ -378,6 +384,21 @@ class Pending:
             if listed is None or listed[0] > key or (listed[0] == key and listed[1] > seq):
                 bucket.listed = entry = (key, seq, index)
                 heapq.heappush(self._tops, entry)
+                if len(self._tops) > 2 * len(self._buckets) + _TOPS_SLACK:
+                    self._relist()  # superseded entries that have not surfaced yet piled up
+
+    def _relist(self) -> None:
+        """Rebuild ``_tops`` with one entry per bucket."""
+        tops: list[_Top] = []
+        for index, bucket in self._buckets.items():
+            if bucket.fronts:
+                key, seq, _ = bucket.fronts[0]  # never later than the bucket's first live record
+                bucket.listed = entry = (key, seq, index)
+                tops.append(entry)
+            else:
+                bucket.listed = None
+        heapq.heapify(tops)
+        self._tops = tops
 
     def _to_lanes(self) -> _Lanes:
         """The first record with a priority came: the queue moves into lanes until it empties."""
@@ -489,13 +510,8 @@ class Pending:
             for index in self._nonempty:
                 buckets[index].compact()
             self._nonempty = [index for index in self._nonempty if buckets[index].fronts]
-            self._buckets = buckets = {index: buckets[index] for index in self._nonempty}
-            self._tops = []
-            for index, bucket in buckets.items():
-                key, seq, _ = bucket.fronts[0]
-                bucket.listed = entry = (key, seq, index)
-                self._tops.append(entry)
-            heapq.heapify(self._tops)
+            self._buckets = {index: buckets[index] for index in self._nonempty}
+            self._relist()
         elif self._lanes is None:
             self._fifo = deque([rec for rec in self._fifo if rec.queued])
         else:
@@ -611,12 +627,12 @@ class Pending:
         """FIFO with priorities: the head, then records in dispatch order while the next fits."""
         batch = [head]
         cost = head.cost
-        if cost >= self._budget:  # batch_cost(1, ...): one record's cost, padded or not
-            return batch, "budget", cost
-        n, total, _, stop = _fill(lanes, batch, 1, cost, cost, self._budget, self._max_size, self._padded)
-        if stop != _NOTHING_REFUSED:
-            return batch, "budget", total
-        return batch, "max_size" if n >= self._max_size else None, total
+        n, total, stop = 1, cost, _BUDGET_MET
+        if cost < self._budget:  # batch_cost(1, ...): one record's cost, padded or not
+            n, total, _, stop = _fill(lanes, batch, 1, cost, cost, self._budget, self._max_size, self._padded)
+        if n >= self._max_size:
+            return batch, "max_size", total
+        return batch, None if stop == _NOTHING_REFUSED else "budget", total
 
     def _take_similar(self, head: Record[Any]) -> tuple[list[Record[Any]], Limit | None, int]:
         """The head, then the nearest buckets outward, each in dispatch order."""
@@ -631,6 +647,7 @@ class Pending:
         anchor = math.log2(head.cost + 1)
         right = bisect.bisect_left(nonempty, where)  # the head's bucket, if it has more
         left = right - 1
+        runs = 0  # buckets that gave records, each in dispatch order after the head
         while not full and n < max_size and (left >= 0 or right < len(nonempty)):
             # The side whose next bucket is nearer on the log scale goes first.
             if right >= len(nonempty):
@@ -645,7 +662,10 @@ class Pending:
                     if r is not None and lf is not None:
                         go_right = abs(math.log2(r.cost + 1) - anchor) <= abs(anchor - math.log2(lf.cost + 1))
             bucket = buckets[nonempty[right] if go_right else nonempty[left]]
+            before = n
             n, total, largest, stop = _fill(bucket, batch, n, total, largest, budget, max_size, padded)
+            if n > before:
+                runs += 1
             if stop == _BUDGET_MET:
                 full = True
             elif stop >= 0:
@@ -664,8 +684,8 @@ class Pending:
                 if emptied:
                     right -= 1
                 left -= 1
-        if n > 1:
-            batch.sort(key=_dispatch_order)  # each bucket gave its records in dispatch order
+        if runs > 1:
+            batch.sort(key=_dispatch_order)  # a merge of the runs, to hand the batch over in dispatch order
         if n >= max_size:
             return batch, "max_size", total
         return batch, "budget" if full or self.size > n else None, total
