@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import heapq
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -57,6 +58,7 @@ BUCKETS_PER_OCTAVE = 32
 """``grouping="similar_cost"``: cost buckets per doubling of cost (each ~2% wide)."""
 
 _SLACK = 1024  # stale entries tolerated before a rebuild, on top of one per live record
+_INSIDE = 256  # ``grouping="similar_cost"``: entries of a bucket looked at behind a record that did not fit
 _TOPS_SLACK = 64  # superseded entries in ``Pending._tops`` tolerated, on top of one per bucket
 
 _dispatch_order = attrgetter("key", "seq")
@@ -271,30 +273,46 @@ def _fill(
             found = lanes.head()
             if found is None:
                 break
+            if len(fronts) == 1:
+                continue  # the other lanes were stale: one left
             rec, lane = found, fronts[0][2]
-        cost = rec.cost
-        if padded:
-            new_largest = cost if cost > largest else largest
-            counted = (n + 1) * new_largest
-        else:
-            new_largest = largest
-            counted = total + cost
-        if counted > budget:
-            stop = cost
-            break
-        lane.popleft()
+        # The top lane gives records while they come before the other lanes'
+        # first ones (their entries are never later than those); then its
+        # entry is set right.
+        other = fronts[1] if len(fronts) == 2 or fronts[1] < fronts[2] else fronts[2]
+        other_key, other_seq = other[0], other[1]
+        while True:
+            cost = rec.cost
+            if padded:
+                new_largest = cost if cost > largest else largest
+                counted = (n + 1) * new_largest
+            else:
+                new_largest = largest
+                counted = total + cost
+            if counted > budget:
+                stop = cost
+                break
+            lane.popleft()
+            rec.queued = False
+            append(rec)
+            n += 1
+            total += cost
+            largest = new_largest
+            if counted == budget:
+                stop = _BUDGET_MET
+                break
+            if n >= max_size or not lane:
+                break
+            rec = lane[0]
+            key = rec.key
+            if key > other_key or (key == other_key and rec.seq > other_seq) or not rec.queued:
+                break
         if lane:
-            after = lane[0]
-            heapreplace(fronts, (after.key, after.seq, lane))
+            rec = lane[0]
+            heapreplace(fronts, (rec.key, rec.seq, lane))
         else:
             heapq.heappop(fronts)
-        rec.queued = False
-        append(rec)
-        n += 1
-        total += cost
-        largest = new_largest
-        if counted == budget:
-            stop = _BUDGET_MET
+        if stop != _NOTHING_REFUSED:
             break
     lanes.entries -= n - taken
     return n, total, largest, stop
@@ -318,7 +336,9 @@ class Pending:
         self._buckets: dict[int, _Lanes] = {}
         self._nonempty: list[int] = []  # sorted indices of the buckets that may hold live records
         self._tops: list[_Top] = []  # ``(key, seq, index)``: ``listed`` entries of the buckets, and superseded ones
-        self._forgotten = 0  # records forgotten since the structures were last rebuilt
+        self._stale = (
+            0  # records that left out of order (forgotten, or taken from inside a bucket) since the last rebuild
+        )
         # What the queued records would make as one batch.  With ``_prefix``,
         # measured in queue order: ``_take_prefix`` takes exactly that prefix.
         # Otherwise the whole queue counts: it fills a batch when it could not
@@ -419,10 +439,10 @@ class Pending:
         self.size -= 1
         self._total -= rec.cost
         self._fill_stale = True
-        self._forgotten += 1
+        self._stale += 1
         if not self.size:
             self._reset()
-        elif self._forgotten > self.size + _SLACK:
+        elif self._stale > self.size + _SLACK:
             self._rebuild()
 
     def _grow(self, cost: int) -> None:
@@ -497,26 +517,29 @@ class Pending:
         self._buckets.clear()
         self._nonempty.clear()
         self._tops.clear()
-        self._forgotten = 0
+        self._stale = 0
         self._total = 0
         self._fill_max = 0
         self._refill()
 
     def _rebuild(self) -> None:
         """Drop every stale entry (amortized: it runs once per ``size`` forgotten records)."""
-        self._forgotten = 0
+        self._stale = 0
         if self._similar:
-            buckets = self._buckets
-            for index in self._nonempty:
-                buckets[index].compact()
-            self._nonempty = [index for index in self._nonempty if buckets[index].fronts]
-            self._buckets = {index: buckets[index] for index in self._nonempty}
-            self._relist()
+            self._compact_buckets()
         elif self._lanes is None:
             self._fifo = deque([rec for rec in self._fifo if rec.queued])
         else:
             self._lanes.compact()
         self._refill()
+
+    def _compact_buckets(self) -> None:
+        buckets = self._buckets
+        for index in self._nonempty:
+            buckets[index].compact()
+        self._nonempty = [index for index in self._nonempty if buckets[index].fronts]
+        self._buckets = {index: buckets[index] for index in self._nonempty}
+        self._relist()
 
     # ------------------------------------------------------------------ reading
 
@@ -590,6 +613,9 @@ class Pending:
                 self._buckets[head.bucket].pop_head()
                 head.queued = False
                 batch, limit, total = self._take_similar(head)
+                if self._stale > self.size - len(batch) + _SLACK:
+                    self._stale = 0
+                    self._compact_buckets()
             else:
                 lanes = self._lanes
                 assert lanes is not None
@@ -661,17 +687,20 @@ class Pending:
                     lf = buckets[nonempty[left]].head()
                     if r is not None and lf is not None:
                         go_right = abs(math.log2(r.cost + 1) - anchor) <= abs(anchor - math.log2(lf.cost + 1))
-            bucket = buckets[nonempty[right] if go_right else nonempty[left]]
+            index = nonempty[right] if go_right else nonempty[left]
+            bucket = buckets[index]
             before = n
             n, total, largest, stop = _fill(bucket, batch, n, total, largest, budget, max_size, padded)
-            if n > before:
-                runs += 1
-            if stop == _BUDGET_MET:
-                full = True
-            elif stop >= 0:
+            if stop >= 0 and n < max_size:
+                # A record did not fit: later ones of its bucket may, a little smaller.
+                n, total, largest, full = self._fill_inside(index, batch, n, total, largest)
                 # Padded, a record no larger than the largest adds ``largest``:
                 # if it does not fit, nothing does.
-                full = padded and stop <= largest
+                full = full or (padded and stop <= largest)
+            elif stop == _BUDGET_MET:
+                full = True
+            if n > before:
+                runs += 1
             emptied = bucket.head() is None
             if emptied:
                 nonempty.pop(right if go_right else left)
@@ -689,6 +718,50 @@ class Pending:
         if n >= max_size:
             return batch, "max_size", total
         return batch, "budget" if full or self.size > n else None, total
+
+    def _fill_inside(
+        self, index: int, batch: list[Record[Any]], n: int, total: int, largest: int
+    ) -> tuple[int, int, int, bool]:
+        """After a record of bucket ``index`` did not fit: add records behind it that do, in dispatch order.
+
+        Costs in a bucket differ by up to ~2%, so a later record may fit where
+        the first did not.  Looks at up to ``2 * max_size + _INSIDE`` entries
+        of the bucket, while the room left reaches into the bucket.  The
+        records taken stay in their lanes as stale entries.  Returns ``n``,
+        ``total`` and ``largest`` updated, and whether the budget is met.
+        """
+        budget, max_size, padded = self._budget, self._max_size, self._padded
+        room = budget // (n + 1) if padded else budget - total  # padded: for it and ``largest``
+        if (padded and largest > room) or room < 0 or _bucket(room) < index:
+            return n, total, largest, False  # every cost in the bucket is above the room left
+        lanes = [lane for _, _, lane in self._buckets[index].fronts]
+        behind = lanes[0] if len(lanes) == 1 else heapq.merge(*lanes, key=_dispatch_order)
+        for rec in itertools.islice(behind, 2 * max_size + _INSIDE):
+            cost = rec.cost
+            if cost > room or not rec.queued:
+                continue
+            rec.queued = False
+            batch.append(rec)
+            self._stale += 1  # its entry stays behind
+            n += 1
+            total += cost
+            if cost > largest:
+                largest = cost
+            if n >= max_size:
+                break
+            if padded:
+                if n * largest == budget:
+                    return n, total, largest, True
+                room = budget // (n + 1)
+                if largest > room:
+                    break
+            else:
+                if total == budget:
+                    return n, total, largest, True
+                room = budget - total
+            if _bucket(room) < index:
+                break
+        return n, total, largest, False
 
     def clear(self) -> list[Record[Any]]:
         """Remove and return every queued record."""
