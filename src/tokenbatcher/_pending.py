@@ -62,6 +62,7 @@ _INSIDE = 256  # ``grouping="similar_cost"``: entries of a bucket looked at behi
 _TOPS_SLACK = 64  # superseded entries in ``Pending._tops`` tolerated, on top of one per bucket
 
 _dispatch_order = attrgetter("key", "seq")
+_submission_order = attrgetter("seq")  # the same while every record's key is its submit time
 
 
 class Record(asyncio.Future[ResultT]):
@@ -125,8 +126,9 @@ class _Lanes:
     """Records in dispatch order: one FIFO lane per priority, and a heap of the lanes' fronts.
 
     A lane holds the records of one ``key - t`` offset (one priority), which
-    arrive in dispatch order; a record that would not (a clock that went back)
-    opens a new lane, so every lane is sorted whatever happens.  ``fronts``
+    arrive in dispatch order; a record that would not (it does not happen
+    with records in submission order) opens a new lane, so every lane stays
+    sorted.  ``fronts``
     holds one ``(key, seq, lane)`` entry per non-empty lane, never later than
     the lane's first live record: taking a record or forgetting one only makes
     an entry early, and ``head`` puts the entries right on its way to the first
@@ -336,6 +338,7 @@ class Pending:
         self._buckets: dict[int, _Lanes] = {}
         self._nonempty: list[int] = []  # sorted indices of the buckets that may hold live records
         self._tops: list[_Top] = []  # ``(key, seq, index)``: ``listed`` entries of the buckets, and superseded ones
+        self._order = _submission_order  # how a batch is sorted: by ``seq`` until a priority comes
         self._stale = (
             0  # records that left out of order (forgotten, or taken from inside a bucket) since the last rebuild
         )
@@ -362,7 +365,11 @@ class Pending:
     # ------------------------------------------------------------------ adding and forgetting
 
     def push(self, rec: Record[Any]) -> None:
-        """Queue a record (its ``key``, ``seq`` and ``cost`` already set; ``seq`` unique)."""
+        """Queue a record (its ``key``, ``seq`` and ``cost`` already set).
+
+        Records come in submission order, as the batcher makes them: ``seq``
+        grows and ``t`` never goes back.
+        """
         rec.queued = True
         cost = rec.cost
         if self._similar:
@@ -387,6 +394,8 @@ class Pending:
                 self.full = counted >= self._budget or self.size >= self._max_size
 
     def _push_similar(self, rec: Record[Any], cost: int) -> None:
+        if rec.key != rec.t:
+            self._order = _dispatch_order
         index = rec.bucket = _bucket(cost)
         bucket = self._buckets.get(index)
         if bucket is None:
@@ -517,6 +526,7 @@ class Pending:
         self._buckets.clear()
         self._nonempty.clear()
         self._tops.clear()
+        self._order = _submission_order
         self._stale = 0
         self._total = 0
         self._fill_max = 0
@@ -714,7 +724,7 @@ class Pending:
                     right -= 1
                 left -= 1
         if runs > 1:
-            batch.sort(key=_dispatch_order)  # a merge of the runs, to hand the batch over in dispatch order
+            batch.sort(key=self._order)  # a merge of the runs, to hand the batch over in dispatch order
         if n >= max_size:
             return batch, "max_size", total
         return batch, "budget" if full or self.size > n else None, total
