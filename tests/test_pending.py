@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import math
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenbatcher._pending import BUCKETS_PER_OCTAVE, Pending, Record, batch_cost
+import tokenbatcher._pending
+from tokenbatcher._pending import BUCKETS_PER_OCTAVE, Pending, Record, _Lanes, batch_cost
 
 WIDTH = 1 / BUCKETS_PER_OCTAVE  # one bucket, in log2 units
 
@@ -57,6 +59,41 @@ def oracle(queue: list[Record[Any]], budget: int, max_size: int, padded: bool) -
     return batch
 
 
+def check_tight(
+    batch: list[Record[Any]],
+    left: list[Record[Any]],
+    expected: list[Record[Any]],
+    head: Record[Any],
+    budget: int,
+    padded: bool,
+) -> None:
+    """The batch is as tight as the oracle's, within a bucket width.
+
+    No record left behind that is nearer to the head than the batch's
+    farthest record, by more than two bucket widths, would still have fitted
+    the budget (in place of that farthest one, if the batch is at its size
+    limit).  Where the budget does not bind, the batch's records are rank by
+    rank as near as the oracle's, two bucket widths given.  (Where it binds,
+    the oracle can differ more: taking 60 or 59 tokens from one bucket
+    changes what fits after.)
+    """
+    size, total, largest = len(batch), sum(r.cost for r in batch), max(r.cost for r in batch)
+    if batch_cost(size, total, largest, padded) >= budget:
+        return  # complete: the oracle stops there too
+    far = max(dist(r.cost, head.cost) for r in batch)
+    for rec in left:
+        if dist(rec.cost, head.cost) < far - 2 * WIDTH:
+            counted = batch_cost(size + 1, total + rec.cost, max(largest, rec.cost), padded)
+            assert counted > budget, f"cost {rec.cost} left behind, nearer than {far:.3f} and fitting"
+    everything = batch + left
+    if batch_cost(len(everything), sum(r.cost for r in everything), max(r.cost for r in everything), padded) <= budget:
+        ours = sorted(dist(r.cost, head.cost) for r in batch)
+        theirs = sorted(dist(r.cost, head.cost) for r in expected)
+        assert len(ours) == len(theirs)
+        for mine, best in zip(ours, theirs, strict=True):
+            assert mine <= best + 2 * WIDTH, (ours, theirs)
+
+
 COSTS = st.lists(st.integers(0, 5000) | st.integers(1, 64), min_size=1, max_size=300)
 
 
@@ -89,37 +126,36 @@ def test_similar_take_keeps_head_budget_size_and_is_as_tight_as_the_oracle(
             cost = batch_cost(len(batch), sum(r.cost for r in batch), max(r.cost for r in batch), padded)
             assert cost <= budget or len(batch) == 1, "hard budget"
             assert batch == sorted(batch), "a batch is handed over in dispatch order"
-            # Rank by rank, our batch's records are as near to the head as the
-            # oracle's, give or take a bucket on either side; records beyond the
-            # oracle's count are extra records that fitted.
-            ours = sorted(dist(r.cost, head.cost) for r in batch)
-            theirs = sorted(dist(r.cost, head.cost) for r in expected)
-            for mine, best in zip(ours, theirs, strict=False):
-                assert mine <= best + 2 * WIDTH, (ours, theirs)
             taken = set(map(id, batch))
             queue = [r for r in queue if id(r) not in taken]
+            check_tight(batch, queue, expected, head, budget, padded)
             assert pending.size == len(queue)
     finally:
         loop.close()
 
 
-def test_forgotten_records_free_their_place_at_once_and_stale_entries_are_bounded() -> None:
+@pytest.mark.parametrize("similar", [False, True])
+@pytest.mark.parametrize("priorities", [False, True])
+def test_forgotten_records_free_their_place_at_once_and_stale_entries_are_bounded(
+    similar: bool, priorities: bool
+) -> None:
     loop = asyncio.new_event_loop()
     try:
-        for similar in (False, True):
-            pending = Pending(budget=10**9, max_size=256, padded=False, similar=similar)
-            records = make_records(loop, [i % 700 for i in range(20_000)])
-            for rec in records:
-                pending.push(rec)
-            for rec in records[:19_990]:
-                rec.cancel()
-                pending.forget(rec)
-            assert pending.size == 10
-            # a rebuild ran: what is stored is proportional to the live records
-            assert len(pending._order) <= 4 * 10 + 1024 + 1
-            batch, _ = pending.take()
-            assert [r.item for r in batch] == list(range(19_990, 20_000))
-            assert pending.size == 0
+        pending = Pending(budget=10**9, max_size=256, padded=False, similar=similar)
+        levels = [i % 3 for i in range(20_000)] if priorities else None
+        records = make_records(loop, [i % 700 for i in range(20_000)], levels)
+        for rec in records:
+            pending.push(rec)
+        for rec in records[:19_990]:
+            rec.cancel()
+            pending.forget(rec)
+        assert pending.size == 10
+        # rebuilds ran: what is stored is proportional to the live records
+        structures = 2 if similar else 1  # the dispatch order, and the cost buckets
+        assert pending._entries() <= structures * (2 * 10 + 1024 + 1)
+        batch, _ = pending.take()
+        assert batch == sorted(records[19_990:])
+        assert pending.size == 0
     finally:
         loop.close()
 
@@ -144,5 +180,311 @@ def test_records_taken_and_forgotten_in_any_mix_are_each_taken_once(similar: boo
         assert len(seen) == len(set(seen)), "no record is taken twice"
         assert not forgotten & set(seen), "no forgotten record is taken"
         assert set(seen) | forgotten == set(range(5000)), "every record is taken or forgotten"
+    finally:
+        loop.close()
+
+
+def live_entries(pending: Pending) -> int:
+    """Entries actually held (stale ones included), counted the slow way; checks the counters."""
+    if pending._similar:
+        held = 0
+        for bucket in pending._buckets.values():
+            assert bucket.entries == sum(len(lane) for _, _, lane in bucket.fronts)
+            held += bucket.entries
+        return held
+    if pending._lanes is not None:
+        assert pending._lanes.entries == sum(1 for _ in pending._lanes)
+        return pending._lanes.entries
+    return len(pending._fifo)
+
+
+def fills_a_batch(queue: list[Record[Any]], budget: int, max_size: int, padded: bool) -> bool:
+    """``Pending.full``: the queued records could not go as one batch (or would use all of it)."""
+    if not queue:
+        return False
+    size, total, largest = len(queue), sum(r.cost for r in queue), max(r.cost for r in queue)
+    return size >= max_size or batch_cost(size, total, largest, padded) >= budget
+
+
+def fifo_oracle(queue: list[Record[Any]], budget: int, max_size: int, padded: bool) -> list[Record[Any]]:
+    """grouping="fifo": the head, then records in dispatch order until the next does not fit."""
+    ordered = sorted(queue)
+    batch = ordered[:1]
+    total = largest = ordered[0].cost
+    for rec in ordered[1:]:
+        if len(batch) >= max_size or batch_cost(len(batch), total, largest, padded) >= budget:
+            break
+        new_largest = max(largest, rec.cost)
+        if batch_cost(len(batch) + 1, total + rec.cost, new_largest, padded) > budget:
+            break
+        batch.append(rec)
+        total, largest = total + rec.cost, new_largest
+    return batch
+
+
+# One step on a queue: push a record (cost, priority, clock advance), forget a queued one, or take a batch.
+STEPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("push"),
+            st.integers(0, 400) | st.integers(0, 5000),
+            st.integers(-3, 3),
+            st.sampled_from([0.0, 0.0, 0.1, 1.0]),
+        ),
+        st.tuples(st.just("forget"), st.integers(0, 10**6), st.just(0), st.just(0.0)),
+        st.tuples(st.just("take"), st.just(0), st.just(0), st.just(0.0)),
+    ),
+    max_size=400,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=STEPS,
+    budget=st.integers(1, 20_000),
+    max_size=st.integers(1, 64),
+    padded=st.booleans(),
+    aging=st.sampled_from([0.0, 0.1, 0.3, 1.0, 3.0]),
+    start=st.sampled_from([0.0, 0.001, 12_345.678]),
+)
+def test_fifo_batches_come_in_dispatch_order_with_priorities_and_forgets(
+    steps: list[tuple[str, int, int, float]],
+    budget: int,
+    max_size: int,
+    padded: bool,
+    aging: float,
+    start: float,
+) -> None:
+    """With grouping="fifo", each batch is the queue's longest fitting prefix in ``(key, seq)`` order.
+
+    Records come as the batcher makes them (``key = t + priority * aging``, ``t``
+    never going back), priorities switch the queue to lanes and back when it
+    empties, and forgotten records never come out.  ``full`` tells whether the
+    queue fills a batch, the counters of held entries are right, and what is
+    held stays proportional to the live records.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        pending = Pending(budget=budget, max_size=max_size, padded=padded, similar=False)
+        queue: list[Record[Any]] = []
+        now, seq = start, 0
+        forgot_since_take = False
+        for op, value, priority, advance in steps:
+            if op == "push":
+                now += advance
+                seq += 1
+                rec: Record[Any] = Record(loop=loop)
+                rec.item, rec.cost, rec.t, rec.seq, rec.hook, rec.waiting = seq, value, now, seq, _hook, True
+                rec.key = now + priority * aging if priority else now
+                pending.push(rec)
+                queue.append(rec)
+            elif op == "forget" and queue:
+                rec = queue.pop(value % len(queue))
+                rec.cancel()
+                pending.forget(rec)
+                assert not rec.queued
+                forgot_since_take = True
+            elif op == "take":
+                expected = fifo_oracle(queue, budget, max_size, padded) if queue else []
+                batch, limit = pending.take()
+                assert batch == expected
+                assert all(not r.queued for r in batch)
+                taken = set(map(id, batch))
+                queue = [r for r in queue if id(r) not in taken]
+                if len(batch) >= max_size:
+                    assert limit == "max_size"
+                elif batch and len(queue) and limit is None:
+                    pytest.fail("records were left although the batch was not full")
+                forgot_since_take = False
+            assert pending.size == len(queue)
+            if not forgot_since_take:  # a forget may leave ``full`` stale until the next take
+                assert pending.full == fills_a_batch(queue, budget, max_size, padded)
+            assert live_entries(pending) <= 2 * len(queue) + 1024 + 1
+        assert pending.oldest_time() == min(queue).t if queue else pending.size == 0
+        everything = pending.clear()
+        assert everything == sorted(queue)
+        assert pending.size == 0
+        assert not pending.full
+    finally:
+        loop.close()
+
+
+def test_lanes_stay_sorted_when_records_of_one_priority_come_out_of_order() -> None:
+    """A clock that goes back: a record that would break its lane's order opens a lane of its own."""
+    loop = asyncio.new_event_loop()
+    try:
+        lanes = _Lanes()
+        times = [5.0, 4.0, 4.5, 1.0, 7.0, 7.0, 2.0, 6.0]
+        records = make_records(loop, [1] * len(times), [1] * len(times))
+        for rec, t in zip(records, times, strict=True):
+            rec.t, rec.key = t, t + 3.0  # one priority: one offset
+            rec.queued = True
+            lanes.push(rec)
+        assert len(lanes.fronts) > 1
+        records[2].queued = False  # forgotten
+        out: list[Record[Any]] = []
+        while (rec := lanes.head()) is not None:
+            lanes.pop_head()
+            out.append(rec)
+        assert out == sorted(r for r in records if r is not records[2])
+        assert lanes.entries == 0
+        assert not lanes.fronts
+    finally:
+        loop.close()
+
+
+def check_bucket_heads(pending: Pending) -> None:
+    """Every bucket that holds a live record is listed in ``_tops`` no later than its first one."""
+    tops = {id(entry) for entry in pending._tops}
+    for index, bucket in pending._buckets.items():
+        assert bucket.listed is None or id(bucket.listed) in tops
+        live = [rec for rec in bucket if rec.queued]
+        if live:
+            assert index in pending._nonempty
+            first = min(live)
+            assert any(e[2] == index and (e[0], e[1]) <= (first.key, first.seq) for e in pending._tops)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=STEPS,
+    budget=st.integers(1, 20_000),
+    max_size=st.integers(1, 64),
+    padded=st.booleans(),
+    aging=st.sampled_from([0.0, 0.1, 1.0, 3.0]),
+    relist_often=st.booleans(),
+)
+def test_similar_take_with_pushes_forgets_and_priorities_between_batches(
+    steps: list[tuple[str, int, int, float]], budget: int, max_size: int, padded: bool, aging: float, relist_often: bool
+) -> None:
+    """grouping="similar_cost" while records come and go.
+
+    The head (in ``(key, seq)`` order) always goes, budget and size hold, a
+    batch is in dispatch order and as tight as the oracle's, forgotten records
+    never come out, and a record goes within ``r + 1`` batches, ``r`` the live
+    records ahead of it (those that come ahead later count too).  With
+    ``relist_often``, the heap of bucket heads is rebuilt at each new entry.
+    """
+    loop = asyncio.new_event_loop()
+    slack = -(10**9) if relist_often else tokenbatcher._pending._TOPS_SLACK
+    with mock.patch.object(tokenbatcher._pending, "_TOPS_SLACK", slack):
+        try:
+            run_similar_steps(loop, steps, budget, max_size, padded, aging)
+        finally:
+            loop.close()
+
+
+def run_similar_steps(
+    loop: asyncio.AbstractEventLoop,
+    steps: list[tuple[str, int, int, float]],
+    budget: int,
+    max_size: int,
+    padded: bool,
+    aging: float,
+) -> None:
+    """The steps of the test above, on a fresh ``Pending``."""
+    pending = Pending(budget=budget, max_size=max_size, padded=padded, similar=True)
+    queue: list[Record[Any]] = []
+    ahead: dict[int, int] = {}  # id(record) -> batches it may still wait
+    now, seq = 0.0, 0
+    forgot_since_take = False
+    for op, value, priority, advance in steps:
+        if op == "push":
+            now += advance
+            seq += 1
+            rec: Record[Any] = Record(loop=loop)
+            rec.item, rec.cost, rec.t, rec.seq, rec.hook, rec.waiting = seq, value, now, seq, _hook, True
+            rec.key = now + priority * aging if priority else now
+            pending.push(rec)
+            for r in queue:  # a record with a better priority goes ahead of later ones
+                if rec < r:
+                    ahead[id(r)] += 1
+            ahead[id(rec)] = sum(1 for r in queue if r < rec) + 1
+            queue.append(rec)
+        elif op == "forget" and queue:
+            rec = queue.pop(value % len(queue))
+            rec.cancel()
+            pending.forget(rec)
+            forgot_since_take = True
+        elif op == "take":
+            batch, _ = pending.take()
+            if not queue:
+                assert batch == []
+                continue
+            head = min(queue)
+            expected = oracle(queue, budget, max_size, padded)
+            assert head in batch, "the head record always goes"
+            assert len(batch) <= max_size
+            cost = batch_cost(len(batch), sum(r.cost for r in batch), max(r.cost for r in batch), padded)
+            assert cost <= budget or len(batch) == 1, "hard budget"
+            assert batch == sorted(batch), "a batch is handed over in dispatch order"
+            assert all(r in queue for r in batch), "only queued records come out"
+            taken = set(map(id, batch))
+            queue = [r for r in queue if id(r) not in taken]
+            check_tight(batch, queue, expected, head, budget, padded)
+            for r in queue:
+                ahead[id(r)] -= 1
+                assert ahead[id(r)] >= 1, "r + 1 bound"
+            forgot_since_take = False
+        assert pending.size == len(queue)
+        if not forgot_since_take:
+            assert pending.full == fills_a_batch(queue, budget, max_size, padded)
+        assert live_entries(pending) <= 2 * len(queue) + 1024 + 1
+        check_bucket_heads(pending)
+    assert pending.oldest_time() == min(queue).t if queue else pending.size == 0
+    assert pending.clear() == sorted(queue)
+
+
+def test_similar_heap_of_bucket_heads_stays_small_when_better_priorities_keep_coming() -> None:
+    """A record of a better priority that comes first in its bucket lists the bucket
+    again in the heap of bucket heads; the entries it supersedes do not pile up,
+    even while a record of a worse priority waits in that bucket all along."""
+    loop = asyncio.new_event_loop()
+    try:
+        pending = Pending(budget=10**6, max_size=1, padded=False, similar=True)
+        records = make_records(loop, [10] * 4000, [3, -3] * 2000)  # one cost bucket
+        for rec in records:
+            rec.t = rec.seq * 0.001
+            rec.key = rec.t + (9.0 if rec.seq % 2 == 0 else -9.0)
+        for low, high in zip(records[::2], records[1::2], strict=True):
+            pending.push(low)
+            pending.push(high)  # first in its bucket: listed anew
+            assert pending.take()[0] == [high]
+            assert pending.oldest_time() == records[0].t  # the oldest low-priority record is the head now
+            assert len(pending._tops) <= 2 * len(pending._nonempty) + 64
+        assert pending.size == 2000
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("similar", [False, True])
+def test_equal_keys_go_in_submission_order_across_priorities(similar: bool) -> None:
+    """A key shared by records of two priorities: the one accepted first goes first."""
+    loop = asyncio.new_event_loop()
+    try:
+        pending = Pending(budget=10**6, max_size=256, padded=False, similar=similar)
+        # (t, priority) with aging 1: keys 1, 0, 1, 2, 1 (seq 0..4)
+        records = make_records(loop, [5] * 5)
+        for rec, (t, priority) in zip(records, [(0.0, 1), (0.0, 0), (1.0, 0), (1.0, 1), (1.0, 0)], strict=True):
+            rec.t, rec.key = t, t + priority
+            pending.push(rec)
+        batch, _ = pending.take()
+        assert [r.item for r in batch] == [1, 0, 2, 4, 3]
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_similar_take_looks_behind_a_record_that_did_not_fit_in_its_bucket(padded: bool) -> None:
+    """59 and 60 tokens share a bucket: when 60 does not fit, 59 behind it still goes,
+    rather than a record from a bucket much farther away."""
+    loop = asyncio.new_event_loop()
+    try:
+        head = 59 if padded else 29
+        pending = Pending(budget=head + 59, max_size=2, padded=padded, similar=True)
+        for rec in make_records(loop, [head, 60, 0, 59]):
+            pending.push(rec)
+        batch, _ = pending.take()
+        assert [r.cost for r in batch] == [head, 59]
     finally:
         loop.close()

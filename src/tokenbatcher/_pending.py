@@ -2,8 +2,12 @@
 
 Every accepted record is a [Record][], the future its caller awaits.  Queued
 records wait in dispatch order, ``(key, seq)`` where ``key = submit time +
-priority * priority_aging_s``: a deque while every record has priority 0, a
-heap from the first record that has another priority until the queue empties.
+priority * priority_aging_s``.  While every record has priority 0 that is a
+deque.  From the first record that has another priority until the queue
+empties, records wait in *lanes*: a deque per priority (records of one
+priority arrive in dispatch order) and a small heap of the lanes' first
+records, which picks the head.  Taking a record costs O(log P), P the number of
+priorities queued, whatever the depth of the queue.
 
 A batch is taken from the head:
 
@@ -11,20 +15,29 @@ A batch is taken from the head:
 * ``grouping="similar_cost"``: the head record, always, then records from the
   cost buckets nearest to its own, outward.  Buckets split costs on a log scale
   (``BUCKETS_PER_OCTAVE`` to each doubling: records in one bucket differ by
-  at most ~2%), and each bucket keeps its records
-  in dispatch order, so a batch costs O(batch + buckets) to form, whatever the
-  depth of the queue.  Because every batch takes the head, a record with ``r``
-  live records ahead of it is dispatched within ``r + 1`` batches, as in FIFO.
+  at most ~2%), each bucket keeps its records in dispatch order (lanes of its
+  own), and the head is the first of the buckets' first records (a heap of
+  them).  A batch costs O(batch * log P + buckets) to form, whatever the
+  depth of the queue.  Because every batch takes the head, a record with
+  ``r`` live records ahead of it is dispatched within ``r + 1`` batches, as in
+  FIFO (records that come ahead of it later, with a better priority, count in
+  ``r``).
 
 "Fits" is the hard budget: the batch's cost (``sum`` of costs, or ``padded``:
 size times the largest cost) stays within ``budget`` and its size within
-``max_size``; only a record that alone exceeds the budget is taken alone.
+``max_size``; only a record that alone exceeds the budget is taken alone.  A
+batch is handed over in dispatch order.
+
+``full`` tells whether the queued records would fill a batch: whether they
+could not all go as one batch.  With ``grouping="fifo"`` and no priorities, the
+batch is the queue's prefix that ``push`` measures record by record; otherwise
+``full`` is kept from the queue's size, total and largest cost.
 
 A record whose future is cancelled or expires while queued is *forgotten* at
 once: it stops counting in ``size`` (so it frees its place in the queue), and
-its entry is skipped and discarded when it reaches the front of a structure.
-When stale entries outnumber the live ones, the structures are rebuilt, so
-memory stays proportional to the live records.
+its entry is skipped and discarded when it reaches the front of its lane.
+When forgotten records outnumber the live ones, the structures are rebuilt
+without them, so memory stays proportional to the live records.
 """
 
 from __future__ import annotations
@@ -32,9 +45,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import heapq
+import itertools
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from operator import attrgetter
 from typing import Any, Literal, TypeAlias
 
 from ._types import ResultT
@@ -43,6 +58,11 @@ BUCKETS_PER_OCTAVE = 32
 """``grouping="similar_cost"``: cost buckets per doubling of cost (each ~2% wide)."""
 
 _SLACK = 1024  # stale entries tolerated before a rebuild, on top of one per live record
+_INSIDE = 256  # ``grouping="similar_cost"``: entries of a bucket looked at behind a record that did not fit
+_TOPS_SLACK = 64  # superseded entries in ``Pending._tops`` tolerated, on top of one per bucket
+
+_dispatch_order = attrgetter("key", "seq")
+_submission_order = attrgetter("seq")  # the same while every record's key is its submit time
 
 
 class Record(asyncio.Future[ResultT]):
@@ -94,41 +114,210 @@ def _bucket(cost: int) -> int:
     return int(math.log2(cost + 1) * BUCKETS_PER_OCTAVE)
 
 
-class _Lane:
-    """Records in dispatch order, with lazy removal: a deque, or a heap once priorities appear."""
+_Lane: TypeAlias = "deque[Record[Any]]"
+_Front: TypeAlias = "tuple[float, int, deque[Record[Any]]]"
+_Top: TypeAlias = "tuple[float, int, int]"
 
-    __slots__ = ("heap", "items")
+_NOTHING_REFUSED = -1
+_BUDGET_MET = -2
 
-    def __init__(self, heap: bool) -> None:
-        self.heap = heap
-        self.items: deque[Record[Any]] | list[Record[Any]] = [] if heap else deque()
+
+class _Lanes:
+    """Records in dispatch order: one FIFO lane per priority, and a heap of the lanes' fronts.
+
+    A lane holds the records of one ``key - t`` offset (one priority), which
+    arrive in dispatch order; a record that would not (it does not happen
+    with records in submission order) opens a new lane, so every lane stays
+    sorted.  ``fronts``
+    holds one ``(key, seq, lane)`` entry per non-empty lane, never later than
+    the lane's first live record: taking a record or forgetting one only makes
+    an entry early, and ``head`` puts the entries right on its way to the first
+    live record.
+    """
+
+    __slots__ = ("by_offset", "entries", "fronts", "listed")
+
+    def __init__(self) -> None:
+        self.by_offset: dict[float, _Lane] = {}
+        """The lane that records with this ``key - t`` join."""
+        self.fronts: list[_Front] = []
+        self.entries = 0
+        """Records held, stale ones included."""
+        self.listed: _Top | None = None
+        """A cost bucket's entry in ``Pending._tops``, never later than ``fronts[0]``."""
 
     def push(self, rec: Record[Any]) -> None:
-        if self.heap:
-            heapq.heappush(self.items, rec)  # type: ignore[arg-type]
-        else:
-            self.items.append(rec)
+        key = rec.key
+        offset = key - rec.t
+        lane = self.by_offset.get(offset)
+        if lane is not None and lane:
+            last = lane[-1]
+            if last.key < key or (last.key == key and last.seq < rec.seq):
+                lane.append(rec)  # the common case: the lane's entry in the heap stays as it is
+                self.entries += 1
+                return
+            lane = None  # out of order: it opens a lane of its own
+        if lane is None:
+            if len(self.by_offset) > 2 * len(self.fronts) + 64:  # forget lanes that emptied
+                self.by_offset = {off: ln for off, ln in self.by_offset.items() if ln}
+            lane = self.by_offset[offset] = deque()
+        heapq.heappush(self.fronts, (key, rec.seq, lane))  # a new lane, or an empty one again
+        lane.append(rec)
+        self.entries += 1
 
-    def to_heap(self) -> None:
-        self.items = list(self.items)  # sorted by (key, seq), hence a heap
-        self.heap = True
+    def head(self) -> Record[Any] | None:
+        """The first live record in dispatch order; ``fronts[0]`` is then its entry, exactly.
 
-    def front(self) -> Record[Any] | None:
-        """The first live record, after discarding stale entries in front of it."""
-        items = self.items
-        while items:
-            rec = items[0]
-            if rec.queued:
-                return rec
-            self.pop()
+        Stale entries in front of it are discarded on the way.
+        """
+        fronts = self.fronts
+        while fronts:
+            _, seq, lane = fronts[0]
+            while lane:
+                rec = lane[0]
+                if rec.queued:
+                    if rec.seq == seq:
+                        return rec
+                    heapq.heapreplace(fronts, (rec.key, rec.seq, lane))
+                    break
+                lane.popleft()
+                self.entries -= 1
+            else:
+                heapq.heappop(fronts)  # an empty lane leaves the heap (and stays in by_offset, empty)
         return None
 
-    def pop(self) -> Record[Any]:
-        items = self.items
-        return heapq.heappop(items) if self.heap else items.popleft()  # type: ignore[union-attr,arg-type]
+    def pop_head(self) -> None:
+        """Remove the record ``head`` just returned."""
+        fronts = self.fronts
+        lane = fronts[0][2]
+        lane.popleft()
+        self.entries -= 1
+        if not lane:
+            heapq.heappop(fronts)
+        # else the entry is early now: ``head`` sets it right
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def __iter__(self) -> Iterator[Record[Any]]:
+        """Every entry, stale ones included, lane by lane."""
+        for _, _, lane in self.fronts:
+            yield from lane
+
+    def compact(self) -> None:
+        """Drop every stale entry; every entry in ``fronts`` is then exact."""
+        fronts: list[_Front] = []
+        for _, _, lane in self.fronts:
+            live = [rec for rec in lane if rec.queued]
+            lane.clear()
+            if live:
+                lane.extend(live)
+                fronts.append((live[0].key, live[0].seq, lane))
+        heapq.heapify(fronts)
+        self.fronts = fronts
+        self.entries = sum(len(lane) for _, _, lane in fronts)
+        self.by_offset = {offset: lane for offset, lane in self.by_offset.items() if lane}
+
+
+def _fill(
+    lanes: _Lanes, batch: list[Record[Any]], n: int, total: int, largest: int, budget: int, max_size: int, padded: bool
+) -> tuple[int, int, int, int]:
+    """Move records from ``lanes`` to ``batch``, in dispatch order, while they fit.
+
+    ``n``, ``total`` and ``largest`` describe ``batch`` (not empty).  Returns
+    them updated, and why it stopped: the cost of the record that did not fit,
+    ``_BUDGET_MET`` when the batch's cost reached the budget exactly, else
+    ``_NOTHING_REFUSED`` (the lanes ran out, or ``batch`` reached ``max_size``).
+    """
+    fronts = lanes.fronts
+    append = batch.append
+    heapreplace = heapq.heapreplace
+    taken = n
+    stop = _NOTHING_REFUSED
+    while n < max_size and fronts:
+        if len(fronts) == 1:
+            # One lane: a plain FIFO (its entry may stay early: no other lane to order).
+            lane = fronts[0][2]
+            while n < max_size:
+                rec = lane[0]
+                if rec.queued:
+                    cost = rec.cost
+                    if padded:
+                        new_largest = cost if cost > largest else largest
+                        counted = (n + 1) * new_largest
+                    else:
+                        new_largest = largest
+                        counted = total + cost
+                    if counted > budget:
+                        stop = cost
+                        break
+                    rec.queued = False
+                    append(rec)
+                    n += 1
+                    total += cost
+                    largest = new_largest
+                    if counted == budget:
+                        stop = _BUDGET_MET
+                else:
+                    lanes.entries -= 1
+                lane.popleft()
+                if not lane:
+                    heapq.heappop(fronts)
+                    break
+                if stop != _NOTHING_REFUSED:
+                    break
+            else:
+                continue  # max_size: the outer loop ends
+            break
+        # Several lanes: the first live record is the front of the top lane,
+        # unless that is stale or the top entry early (then ``head`` sets
+        # them right).
+        _, seq, lane = fronts[0]
+        rec = lane[0]
+        if not rec.queued or rec.seq is not seq:
+            found = lanes.head()
+            if found is None:
+                break
+            if len(fronts) == 1:
+                continue  # the other lanes were stale: one left
+            rec, lane = found, fronts[0][2]
+        # The top lane gives records while they come before the other lanes'
+        # first ones (their entries are never later than those); then its
+        # entry is set right.
+        other = fronts[1] if len(fronts) == 2 or fronts[1] < fronts[2] else fronts[2]
+        other_key, other_seq = other[0], other[1]
+        while True:
+            cost = rec.cost
+            if padded:
+                new_largest = cost if cost > largest else largest
+                counted = (n + 1) * new_largest
+            else:
+                new_largest = largest
+                counted = total + cost
+            if counted > budget:
+                stop = cost
+                break
+            lane.popleft()
+            rec.queued = False
+            append(rec)
+            n += 1
+            total += cost
+            largest = new_largest
+            if counted == budget:
+                stop = _BUDGET_MET
+                break
+            if n >= max_size or not lane:
+                break
+            rec = lane[0]
+            key = rec.key
+            if key > other_key or (key == other_key and rec.seq > other_seq) or not rec.queued:
+                break
+        if lane:
+            rec = lane[0]
+            heapreplace(fronts, (rec.key, rec.seq, lane))
+        else:
+            heapq.heappop(fronts)
+        if stop != _NOTHING_REFUSED:
+            break
+    lanes.entries -= n - taken
+    return n, total, largest, stop
 
 
 class Pending:
@@ -139,16 +328,28 @@ class Pending:
         self._max_size = max_size
         self._padded = padded
         self._similar = similar
-        self._order = _Lane(heap=False)
-        self._buckets: dict[int, _Lane] = {}
-        self._nonempty: list[int] = []  # sorted indices of buckets that hold entries
-        self._in_buckets = 0  # entries in all buckets, stale ones included
-        # What the queued records would make as one batch, in queue order: lets
-        # ``submit`` tell in O(1) whether a full batch is waiting.
+        # The dispatch order, with grouping="fifo": a deque while every
+        # priority is 0, lanes once another priority came.
+        self._fifo: deque[Record[Any]] = deque()
+        self._lanes: _Lanes | None = None
+        self._prefix = not similar  # batches are prefixes of ``_fifo``, measured as records come
+        # With grouping="similar_cost": cost buckets, each in dispatch order,
+        # and a heap of the buckets' first records for the head.
+        self._buckets: dict[int, _Lanes] = {}
+        self._nonempty: list[int] = []  # sorted indices of the buckets that may hold live records
+        self._tops: list[_Top] = []  # ``(key, seq, index)``: ``listed`` entries of the buckets, and superseded ones
+        self._order = _submission_order  # how a batch is sorted: by ``seq`` until a priority comes
+        self._stale = (
+            0  # records that left out of order (forgotten, or taken from inside a bucket) since the last rebuild
+        )
+        # What the queued records would make as one batch.  With ``_prefix``,
+        # measured in queue order: ``_take_prefix`` takes exactly that prefix.
+        # Otherwise the whole queue counts: it fills a batch when it could not
+        # go as one, which is the same test whatever the order.
         self._fill_n = 0  # live records in the measured prefix
         self._fill_phys = 0  # entries in the measured prefix, stale ones included
         self._fill_total = 0
-        self._fill_max = 0
+        self._fill_max = 0  # the largest cost measured (without ``_prefix``: of the queue, or more)
         self._fill_stale = False  # a record was forgotten since the prefix was measured
         self.full = False
         """True when the queued records would fill a batch (budget or size)."""
@@ -164,28 +365,80 @@ class Pending:
     # ------------------------------------------------------------------ adding and forgetting
 
     def push(self, rec: Record[Any]) -> None:
-        """Queue a record (its ``key``, ``seq`` and ``cost`` already set)."""
-        self.size += 1
-        self._total += rec.cost
+        """Queue a record (its ``key``, ``seq`` and ``cost`` already set).
+
+        Records come in submission order, as the batcher makes them: ``seq``
+        grows and ``t`` never goes back.
+        """
         rec.queued = True
-        order = self._order
-        if not order.heap and rec.key != rec.t:
-            order.to_heap()
-            for bucket in self._buckets.values():
-                bucket.to_heap()
-        order.push(rec)
+        cost = rec.cost
         if self._similar:
-            index = rec.bucket = _bucket(rec.cost)
-            lane = self._buckets.get(index)
-            if lane is None:
-                lane = self._buckets[index] = _Lane(order.heap)
-            if not len(lane):
-                bisect.insort(self._nonempty, index)
-            lane.push(rec)
-            self._in_buckets += 1
+            self._push_similar(rec, cost)
+        elif self._lanes is None and rec.key == rec.t:
+            self._fifo.append(rec)
+        else:
+            lanes = self._lanes
+            if lanes is None:
+                lanes = self._to_lanes()
+            lanes.push(rec)
+        self.size += 1
+        self._total += cost
         if not self.full:
-            self._fill_phys += 1
-            self._grow(rec.cost)
+            if self._prefix:
+                self._fill_phys += 1
+                self._grow(cost)
+            else:
+                if cost > self._fill_max:
+                    self._fill_max = cost
+                counted = self.size * self._fill_max if self._padded else self._total
+                self.full = counted >= self._budget or self.size >= self._max_size
+
+    def _push_similar(self, rec: Record[Any], cost: int) -> None:
+        if rec.key != rec.t:
+            self._order = _dispatch_order
+        index = rec.bucket = _bucket(cost)
+        bucket = self._buckets.get(index)
+        if bucket is None:
+            bucket = self._buckets[index] = _Lanes()
+        if not bucket.fronts:  # listed unless a look at its front found it empty
+            nonempty = self._nonempty
+            at = bisect.bisect_left(nonempty, index)
+            if at == len(nonempty) or nonempty[at] != index:
+                nonempty.insert(at, index)
+        bucket.push(rec)
+        if bucket.fronts[0][1] == rec.seq:
+            # The record comes first in its bucket: the bucket's entry in
+            # ``_tops`` must not be later than it.
+            key, seq, listed = rec.key, rec.seq, bucket.listed
+            if listed is None or listed[0] > key or (listed[0] == key and listed[1] > seq):
+                bucket.listed = entry = (key, seq, index)
+                heapq.heappush(self._tops, entry)
+                if len(self._tops) > 2 * len(self._buckets) + _TOPS_SLACK:
+                    self._relist()  # superseded entries that have not surfaced yet piled up
+
+    def _relist(self) -> None:
+        """Rebuild ``_tops`` with one entry per bucket."""
+        tops: list[_Top] = []
+        for index, bucket in self._buckets.items():
+            if bucket.fronts:
+                key, seq, _ = bucket.fronts[0]  # never later than the bucket's first live record
+                bucket.listed = entry = (key, seq, index)
+                tops.append(entry)
+            else:
+                bucket.listed = None
+        heapq.heapify(tops)
+        self._tops = tops
+
+    def _to_lanes(self) -> _Lanes:
+        """The first record with a priority came: the queue moves into lanes until it empties."""
+        lanes = self._lanes = _Lanes()
+        for rec in self._fifo:
+            if rec.queued:
+                lanes.push(rec)
+        self._fifo = deque()
+        self._prefix = False
+        self._measure()
+        return lanes
 
     def forget(self, rec: Record[Any]) -> None:
         """Stop counting a queued record whose future is done (cancelled, expired)."""
@@ -195,9 +448,10 @@ class Pending:
         self.size -= 1
         self._total -= rec.cost
         self._fill_stale = True
+        self._stale += 1
         if not self.size:
             self._reset()
-        elif len(self._order) + self._in_buckets > 4 * self.size + _SLACK:
+        elif self._stale > self.size + _SLACK:
             self._rebuild()
 
     def _grow(self, cost: int) -> None:
@@ -215,8 +469,11 @@ class Pending:
 
     def _refill(self) -> None:
         """Measure the next batch from scratch, after records were removed."""
+        if not self._prefix:
+            self._measure()
+            return
         self._fill_stale = False
-        order = self._order.items
+        order = self._fifo
         if not self._padded and self.size < self._max_size and self._total < self._budget:
             # Sum budget, and everything queued fits: no need to look at each record.
             self._fill_n, self._fill_phys, self._fill_total, self._fill_max = self.size, len(order), self._total, 0
@@ -224,47 +481,121 @@ class Pending:
             return
         self._fill_n = self._fill_phys = self._fill_total = self._fill_max = 0
         self.full = False
-        for rec in order:  # in a heap, array order: an estimate, and cheap
+        for rec in order:
             self._fill_phys += 1
             if rec.queued:
                 self._grow(rec.cost)
                 if self.full:
                     break
 
+    def _measure(self) -> None:
+        """Without ``_prefix``: does the whole queue fill a batch?  O(1) unless it might fit in one."""
+        size = self.size
+        if size >= self._max_size or self._total >= self._budget:
+            self.full = True  # padded or not, it could not go as one batch
+        elif not self._padded:
+            self.full = False
+        else:
+            self._fill_max = largest = self._largest()
+            self.full = size * largest >= self._budget
+
+    def _largest(self) -> int:
+        """The largest queued cost (the queue is short: fewer than ``max_size`` records)."""
+        if self._similar:  # in the top bucket that still holds a live record
+            for index in reversed(self._nonempty):
+                costs = [rec.cost for rec in self._buckets[index] if rec.queued]
+                if costs:
+                    return max(costs)
+            return 0
+        return max((rec.cost for rec in self._records() if rec.queued), default=0)
+
+    def _records(self) -> Iterator[Record[Any]]:
+        """Every entry, stale ones included."""
+        if self._similar:
+            for index in self._nonempty:
+                yield from self._buckets[index]
+        elif self._lanes is None:
+            yield from self._fifo
+        else:
+            yield from self._lanes
+
     def _reset(self) -> None:
-        self._order = _Lane(heap=False)
+        self._fifo = deque()
+        self._lanes = None
+        self._prefix = not self._similar
         self._buckets.clear()
         self._nonempty.clear()
-        self._in_buckets = 0
+        self._tops.clear()
+        self._order = _submission_order
+        self._stale = 0
         self._total = 0
+        self._fill_max = 0
         self._refill()
 
     def _rebuild(self) -> None:
         """Drop every stale entry (amortized: it runs once per ``size`` forgotten records)."""
-        live = [rec for rec in self._order.items if rec.queued]
-        live.sort()
-        heap = self._order.heap
-        self._order = _Lane(heap)
-        self._order.items = live if heap else deque(live)
-        self._buckets.clear()
-        self._nonempty.clear()
-        self._in_buckets = 0
+        self._stale = 0
         if self._similar:
-            for rec in live:  # in dispatch order, so each bucket stays sorted
-                lane = self._buckets.get(rec.bucket)
-                if lane is None:
-                    lane = self._buckets[rec.bucket] = _Lane(heap)
-                    self._nonempty.append(rec.bucket)
-                lane.items.append(rec)
-            self._nonempty.sort()
-            self._in_buckets = len(live)
+            self._compact_buckets()
+        elif self._lanes is None:
+            self._fifo = deque([rec for rec in self._fifo if rec.queued])
+        else:
+            self._lanes.compact()
         self._refill()
+
+    def _compact_buckets(self) -> None:
+        buckets = self._buckets
+        for index in self._nonempty:
+            buckets[index].compact()
+        self._nonempty = [index for index in self._nonempty if buckets[index].fronts]
+        self._buckets = {index: buckets[index] for index in self._nonempty}
+        self._relist()
 
     # ------------------------------------------------------------------ reading
 
+    def _entries(self) -> int:
+        """Entries held in every structure, stale ones included (what memory is proportional to)."""
+        if self._similar:
+            return sum(bucket.entries for bucket in self._buckets.values()) + len(self._tops)
+        return len(self._fifo) if self._lanes is None else self._lanes.entries
+
+    def _head(self) -> Record[Any] | None:
+        """The live record at the head, after discarding stale entries in front of it."""
+        if self._similar:
+            return self._similar_head()
+        if self._lanes is not None:
+            return self._lanes.head()
+        fifo = self._fifo
+        while fifo:
+            rec = fifo[0]
+            if rec.queued:
+                return rec
+            fifo.popleft()
+        return None
+
+    def _similar_head(self) -> Record[Any] | None:
+        """The head: the first of the buckets' first records (``_tops`` put right on the way)."""
+        tops, buckets = self._tops, self._buckets
+        while tops:
+            entry = tops[0]
+            bucket = buckets[entry[2]]
+            if entry is not bucket.listed:
+                heapq.heappop(tops)  # superseded by an earlier entry of the same bucket
+                continue
+            rec = bucket.head()
+            if rec is None:
+                heapq.heappop(tops)
+                bucket.listed = None
+            elif rec.seq == entry[1]:
+                return rec
+            else:
+                bucket.listed = entry = (rec.key, rec.seq, entry[2])
+                heapq.heapreplace(tops, entry)
+        return None
+
     def oldest_time(self) -> float:
         """Submit time of the live record at the head (the queue must not be empty)."""
-        head = self._order.front()
+        head = self._head()
         assert head is not None
         return head.t
 
@@ -279,21 +610,32 @@ class Pending:
         self.peak = max(self.peak, self.size)
         if not self.size:
             return [], None
-        if not self._order.heap and not self._similar:
+        if self._prefix:
             if self._fill_stale:
                 self._refill()
             batch, limit = self._take_prefix()
+            self.size -= len(batch)
+            self._total -= sum(rec.cost for rec in batch)
         else:
-            head = self._order.front()
-            assert head is not None
-            self._order.pop()
             if self._similar:
-                self._pop_from_bucket(head)
-                batch, limit = self._take_similar(head)
+                head = self._similar_head()
+                assert head is not None
+                self._buckets[head.bucket].pop_head()
+                head.queued = False
+                batch, limit, total = self._take_similar(head)
+                if self._stale > self.size - len(batch) + _SLACK:
+                    self._stale = 0
+                    self._compact_buckets()
             else:
-                batch, limit = self._take_fifo(head)
-        self.size -= len(batch)
-        self._total -= sum(rec.cost for rec in batch)
+                lanes = self._lanes
+                assert lanes is not None
+                head = lanes.head()
+                assert head is not None
+                lanes.pop_head()
+                head.queued = False
+                batch, limit, total = self._take_lanes(lanes, head)
+            self.size -= len(batch)
+            self._total -= total
         if not self.size:
             self._reset()
         else:
@@ -302,7 +644,7 @@ class Pending:
 
     def _take_prefix(self) -> tuple[list[Record[Any]], Limit | None]:
         """FIFO without priorities: the batch is the prefix that ``push`` already measured."""
-        fifo: deque[Record[Any]] = self._order.items  # type: ignore[assignment]
+        fifo = self._fifo
         n = self._fill_phys
         if n >= len(fifo):
             prefix = list(fifo)
@@ -317,58 +659,31 @@ class Pending:
             limit = "max_size" if self._fill_n >= self._max_size else "budget"
         return batch, limit
 
-    def _take_fifo(self, head: Record[Any]) -> tuple[list[Record[Any]], Limit | None]:
-        budget, max_size, padded = self._budget, self._max_size, self._padded
+    def _take_lanes(self, lanes: _Lanes, head: Record[Any]) -> tuple[list[Record[Any]], Limit | None, int]:
+        """FIFO with priorities: the head, then records in dispatch order while the next fits."""
         batch = [head]
-        head.queued = False
-        n, total, largest = 1, head.cost, head.cost
-        if batch_cost(1, total, largest, padded) >= budget:
-            return batch, "budget"
-        order = self._order
-        while n < max_size:
-            rec = order.front()
-            if rec is None:
-                return batch, None
-            cost = rec.cost
-            new_largest = cost if cost > largest else largest
-            counted = (n + 1) * new_largest if padded else total + cost
-            if counted > budget:
-                return batch, "budget"
-            order.pop()
-            rec.queued = False
-            batch.append(rec)
-            n, total, largest = n + 1, total + cost, new_largest
-            if counted == budget:
-                return batch, "budget"
-        return batch, "max_size"
+        cost = head.cost
+        n, total, stop = 1, cost, _BUDGET_MET
+        if cost < self._budget:  # batch_cost(1, ...): one record's cost, padded or not
+            n, total, _, stop = _fill(lanes, batch, 1, cost, cost, self._budget, self._max_size, self._padded)
+        if n >= self._max_size:
+            return batch, "max_size", total
+        return batch, None if stop == _NOTHING_REFUSED else "budget", total
 
-    def _pop_from_bucket(self, rec: Record[Any]) -> None:
-        """Remove ``rec``, the first live record of its bucket, from that bucket."""
-        rec.queued = False  # the bucket's front() now discards it with the stale entries before it
-        self._settle(rec.bucket, self._buckets[rec.bucket])
-
-    def _bucket_front(self, lane: _Lane) -> Record[Any] | None:
-        before = len(lane)
-        rec = lane.front()
-        self._in_buckets -= before - len(lane)
-        return rec
-
-    def _settle(self, index: int, lane: _Lane) -> None:
-        """Discard stale entries at the bucket's front; unlist the bucket once it is empty."""
-        if self._bucket_front(lane) is None:
-            self._nonempty.pop(bisect.bisect_left(self._nonempty, index))
-
-    def _take_similar(self, head: Record[Any]) -> tuple[list[Record[Any]], Limit | None]:
+    def _take_similar(self, head: Record[Any]) -> tuple[list[Record[Any]], Limit | None, int]:
         """The head, then the nearest buckets outward, each in dispatch order."""
         budget, max_size, padded = self._budget, self._max_size, self._padded
-        head.queued = False
         batch = [head]
         n, total, largest = 1, head.cost, head.cost
-        full = batch_cost(1, total, largest, padded) >= budget
-        nonempty = self._nonempty
+        full = total >= budget  # batch_cost(1, ...): one record's cost, padded or not
+        nonempty, buckets = self._nonempty, self._buckets
+        where = head.bucket
+        if buckets[where].head() is None:  # the head was all its bucket held
+            nonempty.pop(bisect.bisect_left(nonempty, where))
         anchor = math.log2(head.cost + 1)
-        right = bisect.bisect_left(nonempty, head.bucket)  # the head's bucket, if it has more
+        right = bisect.bisect_left(nonempty, where)  # the head's bucket, if it has more
         left = right - 1
+        runs = 0  # buckets that gave records, each in dispatch order after the head
         while not full and n < max_size and (left >= 0 or right < len(nonempty)):
             # The side whose next bucket is nearer on the log scale goes first.
             if right >= len(nonempty):
@@ -376,42 +691,31 @@ class Pending:
             elif left < 0:
                 go_right = True
             else:
-                go_right = nonempty[right] - head.bucket <= head.bucket - nonempty[left]
-                if nonempty[right] - head.bucket == head.bucket - nonempty[left]:
-                    r = self._bucket_front(self._buckets[nonempty[right]])
-                    lf = self._bucket_front(self._buckets[nonempty[left]])
+                go_right = nonempty[right] - where <= where - nonempty[left]
+                if nonempty[right] - where == where - nonempty[left]:
+                    r = buckets[nonempty[right]].head()
+                    lf = buckets[nonempty[left]].head()
                     if r is not None and lf is not None:
                         go_right = abs(math.log2(r.cost + 1) - anchor) <= abs(anchor - math.log2(lf.cost + 1))
             index = nonempty[right] if go_right else nonempty[left]
-            lane = self._buckets[index]
-            blocked = False
-            cost = 0
-            while n < max_size:
-                rec = self._bucket_front(lane)
-                if rec is None:
-                    break
-                cost = rec.cost
-                new_largest = cost if cost > largest else largest
-                counted = (n + 1) * new_largest if padded else total + cost
-                if counted > budget:
-                    blocked = True
-                    # Padded, a record no larger than the largest adds ``largest``:
-                    # if it does not fit, nothing does.
-                    full = padded and cost <= largest
-                    break
-                lane.pop()
-                self._in_buckets -= 1
-                rec.queued = False
-                batch.append(rec)
-                n, total, largest = n + 1, total + cost, new_largest
-                if counted == budget:
-                    full = True
-                    break
-            before = len(nonempty)
-            self._settle(index, lane)
-            emptied = len(nonempty) < before
+            bucket = buckets[index]
+            before = n
+            n, total, largest, stop = _fill(bucket, batch, n, total, largest, budget, max_size, padded)
+            if stop >= 0 and n < max_size:
+                # A record did not fit: later ones of its bucket may, a little smaller.
+                n, total, largest, full = self._fill_inside(index, batch, n, total, largest)
+                # Padded, a record no larger than the largest adds ``largest``:
+                # if it does not fit, nothing does.
+                full = full or (padded and stop <= largest)
+            elif stop == _BUDGET_MET:
+                full = True
+            if n > before:
+                runs += 1
+            emptied = bucket.head() is None
+            if emptied:
+                nonempty.pop(right if go_right else left)
             if go_right:
-                if blocked and cost >= head.cost:
+                if stop >= head.cost:
                     right = len(nonempty)  # costs only grow to the right: nothing more fits there
                 elif not emptied:
                     right += 1
@@ -419,15 +723,63 @@ class Pending:
                 if emptied:
                     right -= 1
                 left -= 1
-        batch.sort()  # their entries in the dispatch order are now stale, and go lazily
+        if runs > 1:
+            batch.sort(key=self._order)  # a merge of the runs, to hand the batch over in dispatch order
         if n >= max_size:
-            return batch, "max_size"
-        return batch, "budget" if full or self.size > n else None
+            return batch, "max_size", total
+        return batch, "budget" if full or self.size > n else None, total
+
+    def _fill_inside(
+        self, index: int, batch: list[Record[Any]], n: int, total: int, largest: int
+    ) -> tuple[int, int, int, bool]:
+        """After a record of bucket ``index`` did not fit: add records behind it that do, in dispatch order.
+
+        Costs in a bucket differ by up to ~2%, so a later record may fit where
+        the first did not.  Looks at up to ``2 * max_size + _INSIDE`` entries
+        of the bucket, while the room left reaches into the bucket.  The
+        records taken stay in their lanes as stale entries.  Returns ``n``,
+        ``total`` and ``largest`` updated, and whether the budget is met.
+        """
+        budget, max_size, padded = self._budget, self._max_size, self._padded
+        room = budget // (n + 1) if padded else budget - total  # padded: for it and ``largest``
+        if (padded and largest > room) or room < 0 or _bucket(room) < index:
+            return n, total, largest, False  # every cost in the bucket is above the room left
+        lanes = [lane for _, _, lane in self._buckets[index].fronts]
+        behind = lanes[0] if len(lanes) == 1 else heapq.merge(*lanes, key=_dispatch_order)
+        for rec in itertools.islice(behind, 2 * max_size + _INSIDE):
+            cost = rec.cost
+            if cost > room or not rec.queued:
+                continue
+            rec.queued = False
+            batch.append(rec)
+            self._stale += 1  # its entry stays behind
+            n += 1
+            total += cost
+            if cost > largest:
+                largest = cost
+            if n >= max_size:
+                break
+            if padded:
+                if n * largest == budget:
+                    return n, total, largest, True
+                room = budget // (n + 1)
+                if largest > room:
+                    break
+            else:
+                if total == budget:
+                    return n, total, largest, True
+                room = budget - total
+            if _bucket(room) < index:
+                break
+        return n, total, largest, False
 
     def clear(self) -> list[Record[Any]]:
         """Remove and return every queued record."""
         self.peak = max(self.peak, self.size)
-        everything = [rec for rec in self._order.items if rec.queued]
+        if self._prefix:
+            everything = [rec for rec in self._fifo if rec.queued]
+        else:
+            everything = sorted((rec for rec in self._records() if rec.queued), key=_dispatch_order)
         for rec in everything:
             rec.queued = False
         self.size = 0
