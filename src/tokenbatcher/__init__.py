@@ -27,6 +27,7 @@ from ._types import CostEstimatorFn as CostEstimatorFn
 from ._types import Dispatch as Dispatch
 from ._types import Grouping as Grouping
 from ._types import InferenceFn as InferenceFn
+from ._types import OnBatchError as OnBatchError
 from ._types import ProcessFn as ProcessFn
 from ._types import Prompt as Prompt
 from ._types import TokenEstimator as TokenEstimator
@@ -49,6 +50,7 @@ __all__ = [
     "End",
     "Grouping",
     "InferenceFn",
+    "OnBatchError",
     "Percentiles",
     "ProcessFn",
     "Prompt",

@@ -19,14 +19,18 @@ own (see ``_core.py`` for the map).  One record's path through them:
 A streamed record (``submit_stream``, ``_streaming.py``) takes the same path
 as a ``Channel``; at step 4 each entry the batch yields for it goes to its
 stream at once.
+
+Settings are read back through properties and changed with ``configure``
+(``_configure.py``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 from ._calling import as_async, is_async_gen
+from ._configure import Configuring
 from ._deadlines import Deadlines
 from ._intake import Intake
 from ._lifecycle import Lifecycle
@@ -35,11 +39,15 @@ from ._settings import Settings
 from ._stats import BatchInfo, BatchStats
 from ._streaming import Streaming
 from ._streams import StreamFn
-from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, ProcessFn, RecordT, ResultT
+from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, OnBatchError, ProcessFn, RecordT, ResultT
 
 
 class DynamicBatcher(
-    Intake[RecordT, ResultT], Streaming[RecordT, ResultT], Processing[RecordT, ResultT], Lifecycle[RecordT, ResultT]
+    Intake[RecordT, ResultT],
+    Streaming[RecordT, ResultT],
+    Processing[RecordT, ResultT],
+    Lifecycle[RecordT, ResultT],
+    Configuring[RecordT, ResultT],
 ):
     """Batches records from many concurrent producers into cost-budgeted calls.
 
@@ -93,6 +101,16 @@ class DynamicBatcher(
             bound is that every batch takes the record at the head.)
         on_batch: Called with a [BatchInfo][] after each batch; its
             exceptions are logged and otherwise ignored.
+        batch_key: ``f(record) -> key`` (any hashable): records with
+            different keys never share a batch (a model, an adapter, a
+            tenant); ``submit(..., key=...)`` overrides it per record.  The
+            key whose oldest record comes first goes next, so no key starves.
+        on_batch_error: ``"fail"``: when ``process_fn`` raises, every record
+            of the batch gets the exception.  ``"isolate"``: a batch of more
+            than one record is split in halves and each half run again,
+            recursively, so only a record that fails alone gets its exception
+            and the others their results.  It re-runs records, so
+            ``process_fn`` must be idempotent (and cannot stream).
         executor: Where a plain (non-async) ``process_fn`` runs: a
             ``concurrent.futures.Executor``, or None for the event loop's
             default executor (as ``asyncio.to_thread``).  An ``async def``
@@ -106,6 +124,9 @@ class DynamicBatcher(
             holds unread (>= 1): ``process_fn`` never waits for a reader,
             and a stream whose reader falls this far behind fails with
             [StreamOverflowError][tokenbatcher.StreamOverflowError].  Other batchers ignore it.
+
+    Settings are read back by properties of the same names, and changed
+    while running by [configure][].
 
     Raises:
         TypeError: ``process_fn`` is not callable, or a setting has the wrong type.
@@ -132,6 +153,8 @@ class DynamicBatcher(
         grouping: Grouping = "fifo",
         priority_aging_s: float = 1.0,
         on_batch: Callable[[BatchInfo], object] | None = None,
+        batch_key: Callable[[RecordT], Hashable] | None = None,
+        on_batch_error: OnBatchError = "fail",
         executor: concurrent.futures.Executor | None = None,
         stream_buffer: int = 10_000,
     ) -> None:
@@ -153,6 +176,8 @@ class DynamicBatcher(
             priority_aging_s=priority_aging_s,
             cost_estimator=cost_estimator,
             on_batch=on_batch,
+            batch_key=batch_key,
+            on_batch_error=on_batch_error,
             stream_buffer=stream_buffer,
             budget_name=self._budget_name(),
             default_name=self._default_name(),

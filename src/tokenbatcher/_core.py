@@ -5,12 +5,14 @@ in a module of its own, that share the state declared on [Core][]:
 
 - ``_settings.py``: what the batcher is set to (one frozen ``Settings``);
 - ``_intake.py``: ``submit`` and its siblings: validate, price, queue;
-- ``_pending.py``: the queue, and which records make the next batch;
+- ``_pending.py``: the queue, and which records make the next batch
+  (``_keyed.py``: one such queue per key, once a record has a key);
 - ``_dispatch.py``: when a batch is taken and which slot runs it (window, eager);
 - ``_processing.py``: a slot calls ``process_fn`` and resolves the futures;
 - ``_streaming.py`` (and ``_streams.py``): ``submit_stream``, and a streaming
   ``process_fn``'s steps handed to the records' streams;
-- ``_lifecycle.py``: start, stop, restart and failure, as a state machine.
+- ``_lifecycle.py``: start, stop, restart and failure, as a state machine;
+- ``_configure.py``: read-back properties and ``configure`` while running.
 
 This module holds only the plumbing between the queue and the loops that
 take from it: waiting for arrivals, waking producers that wait for room, and
@@ -24,10 +26,11 @@ import asyncio
 import logging
 import sys
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, Generic
 
 from ._deadlines import Deadlines
+from ._keyed import KeyedPending, check_key
 from ._pending import Pending, Record
 from ._settings import Settings
 from ._stats import DispatchReason, Recorder
@@ -52,6 +55,16 @@ def wake_all(waiters: list[asyncio.Future[None]] | deque[asyncio.Future[None]]) 
         wake(waiters.pop())
 
 
+def queue_limits(settings: Settings) -> tuple[int, int, bool, bool]:
+    """The settings the queue is built with: ``(budget, max_size, padded, similar)``."""
+    return (
+        settings.target_batch_cost,
+        settings.max_batch_size,
+        settings.batch_cost == "padded",
+        settings.grouping == "similar_cost",
+    )
+
+
 class Batch:
     """Records taken from the queue together, and why the batch was closed."""
 
@@ -71,7 +84,9 @@ class Core(Generic[RecordT, ResultT]):
     _process_fn: ProcessFn[RecordT, ResultT]
     _streaming: bool
     """``process_fn`` is an async generator function: records come in by ``submit_stream`` only."""
-    _pending: Pending
+    _pending: Pending | KeyedPending
+    _keyed: bool
+    """True once the queue is a ``KeyedPending`` (from the first keyed record on)."""
     _deadlines: Deadlines
     _rec: Recorder
     _strategy: Strategy
@@ -97,6 +112,7 @@ class Core(Generic[RecordT, ResultT]):
     _aging_s: float
     _default_cost: int
     _estimator: Any
+    _batch_key: Callable[[Any], Hashable] | None
 
     if TYPE_CHECKING:  # provided by the other parts
 
@@ -113,6 +129,7 @@ class Core(Generic[RecordT, ResultT]):
         def _stream_call(self, live: list[Record[Any]]) -> Coroutine[Any, Any, list[None]]: ...
 
     def _init_core(self, settings: Settings, process_fn: ProcessFn[RecordT, ResultT]) -> None:
+        self._check_combination(settings)
         self._process_fn = process_fn
         self._rec = Recorder()
         self._loop = None
@@ -125,25 +142,68 @@ class Core(Generic[RecordT, ResultT]):
         self._arrival_waiters = []
         self._wake_need = sys.maxsize
         self._room_waiters = deque()
+        self._keyed = False
+        budget, max_size, padded, similar = queue_limits(settings)
+        self._pending = Pending(budget=budget, max_size=max_size, padded=padded, similar=similar)
+        self._settings = settings
+        self._strategy = self._new_strategy()
         self._apply(settings)
 
-    def _apply(self, settings: Settings) -> None:
-        """Adopt ``settings``: the queue and the strategy are built from them."""
+    def _check_combination(self, settings: Settings) -> None:
+        """Refuse settings that contradict the batch function (set ``_streaming`` first)."""
+        if self._streaming and settings.on_batch_error == "isolate":
+            raise ValueError(
+                "on_batch_error='isolate' re-runs the records of a failed batch, which a streaming process_fn "
+                "cannot do (their entries have gone out to their streams): use on_batch_error='fail'"
+            )
+
+    def _new_strategy(self) -> Strategy:
         from ._dispatch import Eager, Window  # the strategies refer back to Core
 
-        self._settings = settings
+        return Eager(self) if self._settings.dispatch == "eager" else Window(self)
+
+    def _apply(self, settings: Settings) -> None:
+        """Adopt ``settings``; the queue is changed in place, so no queued record is lost.
+
+        The strategy is rebuilt only when ``dispatch`` changed, which
+        ``configure`` allows only while not running.
+        """
+        old, self._settings = self._settings, settings
         self._max_queue_size = settings.max_queue_size
         self._request_timeout_s = settings.request_timeout_s
         self._aging_s = settings.priority_aging_s
         self._default_cost = settings.default_cost
         self._estimator = settings.cost_estimator
-        self._pending = Pending(
-            budget=settings.target_batch_cost,
-            max_size=settings.max_batch_size,
-            padded=settings.batch_cost == "padded",
-            similar=settings.grouping == "similar_cost",
-        )
-        self._strategy = Eager(self) if settings.dispatch == "eager" else Window(self)
+        self._batch_key = settings.batch_key
+        limits = queue_limits(settings)
+        if limits != queue_limits(old):
+            budget, max_size, padded, similar = limits
+            self._pending.reconfigure(budget=budget, max_size=max_size, padded=padded, similar=similar)
+        if settings.batch_key is not None and not self._keyed:
+            self._become_keyed()
+        if settings.dispatch != old.dispatch:
+            self._strategy = self._new_strategy()
+
+    def _group(self, record: Any, key: Hashable | None) -> Hashable:
+        """A record's key: ``key`` if given, else ``batch_key(record)``; the queue becomes keyed."""
+        if key is None and self._batch_key is not None:
+            key = self._batch_key(record)
+            check_key("batch_key(record)", key)
+        else:
+            check_key("key", key)
+        if not self._keyed:
+            self._become_keyed()
+        return key
+
+    def _become_keyed(self) -> None:
+        """From now on, records are queued by key; those already queued keep their place, under the key None."""
+        queue = self._pending
+        assert isinstance(queue, Pending)
+        budget, max_size, padded, similar = queue_limits(self._settings)
+        self._pending = KeyedPending.adopt(queue, budget=budget, max_size=max_size, padded=padded, similar=similar)
+        self._keyed = True
+        if self._arrival_waiters:
+            self._wake_arrivals()  # the loops look at the new queue
 
     # ------------------------------------------------------------------ the queue and its waiters
 

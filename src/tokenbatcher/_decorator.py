@@ -41,7 +41,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 from typing_extensions import Self, TypedDict, Unpack
@@ -51,7 +51,7 @@ from ._perloop import PerLoop
 from ._stats import BatchInfo
 from ._streams import End, Stream, StreamBatch
 from ._token import TokenBatcher
-from ._types import BatchCost, Dispatch, Grouping, RecordT, ResultT
+from ._types import BatchCost, Dispatch, Grouping, OnBatchError, RecordT, ResultT
 
 OwnerT_contra = TypeVar("OwnerT_contra", contravariant=True)
 
@@ -81,6 +81,8 @@ class BatcherSettings(TypedDict, total=False):
     grouping: Grouping
     priority_aging_s: float
     on_batch: Callable[[BatchInfo], object] | None
+    batch_key: Callable[[Any], Hashable] | None
+    on_batch_error: OnBatchError
     executor: concurrent.futures.Executor | None
     stream_buffer: int
 
@@ -162,6 +164,7 @@ class BatchedFunction(Generic[RecordT, ResultT]):
         estimated_cost: int | None = None,
         timeout_s: float | None = None,
         priority: int = 0,
+        key: Hashable | None = None,
     ) -> ResultT:
         """Process one record in a batch; return its result.
 
@@ -171,6 +174,8 @@ class BatchedFunction(Generic[RecordT, ResultT]):
             estimated_cost: Its cost, when ``estimated_tokens`` is not given.
             timeout_s: As [DynamicBatcher.submit][tokenbatcher.DynamicBatcher.submit].
             priority: As [DynamicBatcher.submit][tokenbatcher.DynamicBatcher.submit].
+            key: As [DynamicBatcher.submit][tokenbatcher.DynamicBatcher.submit]:
+                records with different keys never share a batch.
 
         Returns:
             This record's entry of the batch function's result; for a
@@ -189,6 +194,7 @@ class BatchedFunction(Generic[RecordT, ResultT]):
                 estimated_cost=estimated_cost,
                 timeout_s=timeout_s,
                 priority=priority,
+                key=key,
             )
             owner = getattr(self, "__self__", None)
             if owner is not None:
@@ -200,6 +206,7 @@ class BatchedFunction(Generic[RecordT, ResultT]):
             estimated_cost=estimated_cost,
             timeout_s=timeout_s,
             priority=priority,
+            key=key,
         )
         return await future
 

@@ -62,7 +62,6 @@ class Window(Strategy):
 
     def __init__(self, batcher: Core[Any, Any]) -> None:
         super().__init__(batcher)
-        self._prefetch = batcher._settings.prefetch_batches
         self._sealed: deque[Batch] = deque()  # the prefetch queue
         self._sealing_done = False
         self._sealed_waiters: list[asyncio.Future[None]] = []
@@ -97,16 +96,16 @@ class Window(Strategy):
         b = self._b
         loop = b._loop
         assert loop is not None
-        pending = b._pending
         try:
             while True:
-                while not len(pending):
+                # b._pending is read afresh each time: it becomes a keyed queue at the first keyed record.
+                while not len(b._pending):
                     if b._state is not RUNNING:
                         return
                     await b._wait_arrivals(1, None)
                 reason: DispatchReason = "timeout"
                 deadline = loop.time() + b._settings.batch_timeout_s
-                while not pending.full:
+                while not b._pending.full:
                     if b._state is not RUNNING:
                         reason = "shutdown"
                         break
@@ -116,7 +115,7 @@ class Window(Strategy):
                 batch = b._take(reason)
                 if batch is None:
                     continue
-                while len(self._sealed) >= self._prefetch:
+                while len(self._sealed) >= b._settings.prefetch_batches:
                     await self._wait_sealed()
                 self._sealed.append(batch)
                 self._sealed_changed()
@@ -160,11 +159,11 @@ class Eager(Strategy):
         b = self._b
         loop = b._loop
         assert loop is not None
-        pending = b._pending
         while True:
             waited_from = loop.time()
             batch: Batch | None = None
             while batch is None:
+                pending = b._pending  # afresh: it becomes a keyed queue at the first keyed record
                 if not len(pending):
                     if b._state is not RUNNING:
                         b._rec.idle_s += loop.time() - waited_from

@@ -1,7 +1,8 @@
 """How records come in: ``submit`` and its siblings validate, price and queue.
 
 Every way in shares one path: the record's cost is found (``_cost``), its
-``timeout_s`` and ``priority`` are checked (``_check_request``), the caller
+``timeout_s`` and ``priority`` are checked (``_check_request``), its key, if
+it has one, is found (``_group``; see ``_keyed.py``), the caller
 waits for room if it may (``_wait_for_room``) or is refused, and the record
 is queued (``_enqueue``): pushed into the queue, given its deadline, and the
 loops waiting for arrivals are woken when enough has arrived.  Nothing is
@@ -19,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Hashable, Sequence
+from typing import Any, cast
 
 from ._core import Core
 from ._errors import QueueFullError
 from ._handoff import Handoff
+from ._keyed import KeyedRecord, check_key, keyed_kind
 from ._lifecycle import RUNNING
 from ._pending import Record
 from ._settings import MAX_COST, MAX_PRIORITY, MIN_PRIORITY, bad_cost, check_int, check_seconds
@@ -68,12 +70,25 @@ class Intake(Core[RecordT, ResultT]):
         return check_seconds("timeout_s", timeout_s, allow_zero=False, capped=True)
 
     def _enqueue(
-        self, item: RecordT, cost: int, timeout_s: float | None, priority: int, kind: type[Record[Any]] = Record
+        self,
+        item: RecordT,
+        cost: int,
+        timeout_s: float | None,
+        priority: int,
+        kind: type[Record[Any]] = Record,
+        group: Hashable = None,
     ) -> Record[Any]:
-        """Queue ``item`` as a new ``kind`` (a ``Record``; a ``Channel`` for ``submit_stream``); return it."""
+        """Queue ``item`` as a new ``kind`` (a ``Record``; a ``Channel`` for ``submit_stream``); return it.
+
+        A keyed batcher makes it a ``kind`` with a key (``_keyed.keyed_kind``), of key ``group``.
+        """
         loop = self._loop
         assert loop is not None
-        rec = kind(loop=loop)
+        if self._keyed:
+            rec = keyed_kind(kind)(loop=loop)
+            cast("KeyedRecord[Any]", rec).group = group  # every keyed kind has the slot
+        else:
+            rec = kind(loop=loop)
         rec.item = item
         rec.cost = cost
         rec.t = now = loop.time()
@@ -97,6 +112,7 @@ class Intake(Core[RecordT, ResultT]):
         estimated_cost: int | None = None,
         timeout_s: float | None = None,
         priority: int = 0,
+        key: Hashable | None = None,
     ) -> asyncio.Future[ResultT]:
         """Queue one record; return the future of its result.
 
@@ -113,6 +129,9 @@ class Intake(Core[RecordT, ResultT]):
             priority: A lower value is dispatched first; with ``grouping="fifo"``,
                 FIFO within a priority; aged by ``priority_aging_s`` so no
                 record starves.
+            key: The record's batch key (any hashable): records with
+                different keys never share a batch.  Default: ``batch_key(record)``
+                if ``batch_key`` is set, else no key (None).
 
         Returns:
             A future resolving to this record's entry of ``process_fn``'s result.
@@ -120,7 +139,8 @@ class Intake(Core[RecordT, ResultT]):
         Raises:
             RuntimeError: The batcher is not running (or is stopping, or runs on
                 another event loop).
-            TypeError: A cost, ``timeout_s`` or ``priority`` of the wrong type.
+            TypeError: A cost, ``timeout_s`` or ``priority`` of the wrong type,
+                or a key that is not hashable.
             ValueError: A negative cost or a non-positive ``timeout_s``.
         """
         if self._streaming:
@@ -128,13 +148,15 @@ class Intake(Core[RecordT, ResultT]):
         if self._state is not RUNNING or asyncio.get_running_loop() is not self._loop:
             self._refuse()
         cost = self._cost(record, estimated_cost)
+        if key is not None or self._batch_key is not None:
+            key = self._group(record, key)
         if timeout_s is None and type(priority) is int and MIN_PRIORITY <= priority <= MAX_PRIORITY:
             deadline = self._request_timeout_s  # the common case, without a call
         else:
             deadline = self._check_request(timeout_s, priority)
         if self._pending.size >= self._max_queue_size:
             await self._wait_for_room()
-        return self._enqueue(record, cost, deadline, priority)
+        return self._enqueue(record, cost, deadline, priority, group=key)
 
     async def call(
         self,
@@ -143,6 +165,7 @@ class Intake(Core[RecordT, ResultT]):
         estimated_cost: int | None = None,
         timeout_s: float | None = None,
         priority: int = 0,
+        key: Hashable | None = None,
     ) -> ResultT:
         """Submit one record and await its result: the one-await form of [submit][].
 
@@ -162,7 +185,9 @@ class Intake(Core[RecordT, ResultT]):
             >>> asyncio.run(main())
             [0, 2, 4]
         """
-        future = await self.submit(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
+        future = await self.submit(
+            record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority, key=key
+        )
         return await future
 
     def submit_nowait(
@@ -172,6 +197,7 @@ class Intake(Core[RecordT, ResultT]):
         estimated_cost: int | None = None,
         timeout_s: float | None = None,
         priority: int = 0,
+        key: Hashable | None = None,
     ) -> asyncio.Future[ResultT]:
         """Like [submit][], but never waits: a full queue raises instead.
 
@@ -188,12 +214,14 @@ class Intake(Core[RecordT, ResultT]):
             self._refuse()
         cost = self._cost(record, estimated_cost)
         deadline = self._check_request(timeout_s, priority)
+        if key is not None or self._batch_key is not None:
+            key = self._group(record, key)
         if self._pending.size >= self._max_queue_size:
             self._rec.rejected += 1
             raise QueueFullError(
                 f"{type(self).__name__} queue is full ({self._max_queue_size} records, max_queue_size); record rejected"
             )
-        return self._enqueue(record, cost, deadline, priority)
+        return self._enqueue(record, cost, deadline, priority, group=key)
 
     async def submit_batch(
         self,
@@ -202,6 +230,7 @@ class Intake(Core[RecordT, ResultT]):
         estimated_cost: Sequence[int] | None = None,
         timeout_s: float | None = None,
         priority: int = 0,
+        key: Hashable | None = None,
     ) -> list[asyncio.Future[ResultT]]:
         """Submit several records; return one future per record, in order.
 
@@ -215,6 +244,8 @@ class Intake(Core[RecordT, ResultT]):
             estimated_cost: Their costs, a sequence as long as ``records``.
             timeout_s: As [submit][], for every record.
             priority: As [submit][], for every record.
+            key: As [submit][], for every record (without it, each record's
+                own ``batch_key(record)``, if ``batch_key`` is set).
 
         Returns:
             One future per record, in the order of ``records``.
@@ -242,9 +273,15 @@ class Intake(Core[RecordT, ResultT]):
         explicit: Sequence[int | None] = estimated_cost if estimated_cost is not None else [None] * n
         costs = [self._cost(record, cost) for record, cost in zip(records, explicit, strict=True)]
         deadline = self._check_request(timeout_s, priority)
+        groups: Sequence[Hashable] = [None] * n
+        if key is not None or self._batch_key is not None:
+            groups = [self._group(record, key) for record in records]
         if self._pending.size + n > self._max_queue_size:
             await self._wait_for_room(n)
-        return [self._enqueue(record, cost, deadline, priority) for record, cost in zip(records, costs, strict=True)]
+        return [
+            self._enqueue(record, cost, deadline, priority, group=group)
+            for record, cost, group in zip(records, costs, groups, strict=True)
+        ]
 
     def submit_threadsafe(
         self,
@@ -253,6 +290,7 @@ class Intake(Core[RecordT, ResultT]):
         estimated_cost: int | None = None,
         timeout_s: float | None = None,
         priority: int = 0,
+        key: Hashable | None = None,
     ) -> concurrent.futures.Future[ResultT]:
         """Submit from another thread; return a ``concurrent.futures.Future``.
 
@@ -267,7 +305,8 @@ class Intake(Core[RecordT, ResultT]):
         Raises:
             RuntimeError: The batcher is not running, or this is called from the
                 batcher's own event-loop thread (use [submit][] there).
-            TypeError: A ``timeout_s`` or ``priority`` of the wrong type.
+            TypeError: A ``timeout_s`` or ``priority`` of the wrong type, or a
+                ``key`` that is not hashable.
             ValueError: A ``timeout_s`` or ``priority`` out of range.
         """
         if self._streaming:
@@ -279,9 +318,10 @@ class Intake(Core[RecordT, ResultT]):
         if getattr(loop, "_thread_id", None) == threading.get_ident():
             raise RuntimeError("submit_threadsafe() was called on the batcher's own event loop; use submit()")
         self._check_request(timeout_s, priority)  # bad arguments raise here, in the caller's thread
+        check_key("key", key)
 
         def submit() -> Coroutine[Any, Any, asyncio.Future[ResultT]]:
-            return self.submit(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
+            return self.submit(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority, key=key)
 
         handoff = Handoff(loop, submit, f"{type(self).__name__}-submit_threadsafe")
         if loop.is_running():
@@ -318,6 +358,11 @@ class Intake(Core[RecordT, ResultT]):
         first = True
         while self._pending.size + n > self._max_queue_size:
             self._check_accepting(stopped)
+            if n > self._max_queue_size:  # configure() lowered it while this submit_batch waited
+                raise ValueError(
+                    f"submit_batch got {n} records, more than max_queue_size={self._max_queue_size} "
+                    "(lowered by configure() while it waited): they could never be queued at once"
+                )
             waiter = loop.create_future()
             if first:
                 self._room_waiters.append(waiter)

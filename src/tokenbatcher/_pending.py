@@ -785,3 +785,18 @@ class Pending:
         self.size = 0
         self._reset()
         return everything
+
+    # ------------------------------------------------------------------ used by configure() and the keyed queue
+
+    def head(self) -> Record[Any] | None:
+        """The live record at the head of the dispatch order, or None if nothing is queued."""
+        return self._head() if self.size else None
+
+    def reconfigure(self, *, budget: int, max_size: int, padded: bool, similar: bool) -> None:
+        """Adopt new batch limits in place: every queued record stays, re-measured (O(n log n), once)."""
+        live = self.clear()
+        live.sort(key=_submission_order)  # pushed again as they came
+        self._budget, self._max_size, self._padded, self._similar = budget, max_size, padded, similar
+        self._reset()
+        for rec in live:
+            self.push(rec)

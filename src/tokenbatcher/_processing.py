@@ -18,6 +18,10 @@ returns.  Failures map to the futures as follows:
 A streaming ``process_fn`` (an async generator function) is run the same
 way; ``_streaming.py`` says how its steps reach the records' streams.
 
+With ``on_batch_error="isolate"``, an ``Exception`` raised on a batch of more
+than one record is not delivered at once: the batch is re-run in halves until
+each failure is one record's own (``_isolate.py``).
+
 Afterwards the ``on_batch`` hook gets a [BatchInfo][tokenbatcher.BatchInfo];
 what it raises is logged and ignored (but ``KeyboardInterrupt`` and
 ``SystemExit`` stop the batcher).
@@ -28,11 +32,13 @@ Owns: calling ``process_fn`` and resolving futures.  Must not touch: the queue.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._core import Batch, Core, logger, wake
 from ._errors import BatchAbortedError
+from ._isolate import Raised, isolate
+from ._keyed import group_of
 from ._lifecycle import explain
 from ._pending import Record, batch_cost
 from ._stats import BatchInfo
@@ -57,26 +63,47 @@ class Processing(Core[RecordT, ResultT]):
             if not live:
                 self._out.discard(batch)
                 return
+            settings = self._settings  # the batch keeps the settings it was handed over with
             rec_stats = self._rec
             started = loop.time()
             costs = [rec.cost for rec in live]
             total = sum(costs)
-            padded = self._settings.batch_cost == "padded"
+            padded = settings.batch_cost == "padded"
             counted = batch_cost(len(live), total, max(costs) if padded else 0, padded)
             rec_stats.batch(len(live), total, counted, batch.reason)
             rec_stats.waits.extend([started - rec.t for rec in live])
+            isolating = settings.on_batch_error == "isolate" and len(live) > 1
+            retries = (0, 0)
             self._in_flight += 1
             try:
-                error = await self._call(live)
+                outcome = await self._call(live, keep=isolating)
+                if isinstance(outcome, Raised):
+                    error: BaseException | None = outcome.error
+                    retries = await self._isolate(live, outcome.error)
+                else:
+                    error = outcome
             finally:
                 self._in_flight -= 1
                 elapsed = loop.time() - started
                 rec_stats.busy_s += elapsed
                 rec_stats.process_times.append(elapsed)
             self._out.discard(batch)  # every record is accounted for (or _abort failed them)
-            if self._settings.on_batch is not None:
+            if settings.on_batch is not None:
                 oldest = min(rec.t for rec in live)
-                self._report(batch, counted, started, started - oldest, elapsed, error, dropped)
+                info = BatchInfo(
+                    started_at=started,
+                    size=len(live),
+                    cost=counted,
+                    reason=batch.reason,
+                    queue_wait_max_s=started - oldest,
+                    process_time_s=elapsed,
+                    error=error,
+                    dropped=dropped,
+                    key=group_of(live[0]),
+                    retries=retries[0],
+                    isolated_failures=retries[1],
+                )
+                self._report(settings.on_batch, info)
         except BaseException as exc:
             if batch in self._out and not loop.is_closed():  # left early, and not already failed by _abort
                 self._out.discard(batch)
@@ -84,8 +111,36 @@ class Processing(Core[RecordT, ResultT]):
                 self._fail(batch.records, explain(cause), cause)
             raise
 
-    async def _call(self, live: list[Record[Any]]) -> BaseException | None:
-        """Run ``process_fn`` in a task of its own (see ``_invoke``); return the batch's error."""
+    async def _isolate(self, live: list[Record[Any]], error: Exception) -> tuple[int, int]:
+        """``process_fn`` raised ``error`` on ``live``: re-run halves (``_isolate.py``); return (calls, isolated)."""
+        logger.warning(
+            "%s: batch of %d records failed (%r); re-running halves to isolate the records it failed on",
+            type(self).__name__,
+            len(live),
+            error,
+        )
+        counts = [0, 0]
+        rec_stats = self._rec
+
+        async def attempt(part: list[Record[Any]]) -> BaseException | Raised | None:
+            counts[0] += 1
+            rec_stats.retries += 1
+            return await self._call(part, keep=True)
+
+        def alone(rec: Record[Any], exc: Exception) -> None:
+            counts[1] += 1
+            rec_stats.isolated += 1
+            self._fail_with([rec], exc)
+
+        await isolate(live, error, attempt, alone)
+        return counts[0], counts[1]
+
+    async def _call(self, live: list[Record[Any]], keep: bool = False) -> BaseException | Raised | None:
+        """Run ``process_fn`` in a task of its own (see ``_invoke``); return the batch's error.
+
+        With ``keep``, an ``Exception`` that ``process_fn`` raises leaves the
+        futures unresolved and comes back as [Raised][tokenbatcher._isolate.Raised].
+        """
         loop = self._loop
         assert loop is not None
         try:
@@ -95,6 +150,8 @@ class Processing(Core[RecordT, ResultT]):
             self._stop_on(exc, "process_fn")
             raise
         except BaseException as exc:  # process_fn raised before returning an awaitable: its own failure
+            if keep and isinstance(exc, Exception):
+                return Raised(exc)
             return self._fail_with(live, batch_error(exc, len(live)))
         # A task of its own, so that a process_fn that ignores cancellation cannot hold up stop().
         finished: asyncio.Future[None] = loop.create_future()
@@ -120,6 +177,8 @@ class Processing(Core[RecordT, ResultT]):
             self._stop_on(error, "process_fn")
             return error
         if error is not None:
+            if keep and isinstance(error, Exception):
+                return Raised(error)
             return self._fail_with(live, batch_error(error, len(live)))
         return task.result()
 
@@ -165,28 +224,7 @@ class Processing(Core[RecordT, ResultT]):
                 self._rec.failed += 1
         return error
 
-    def _report(
-        self,
-        batch: Batch,
-        counted: int,
-        started: float,
-        waited: float,
-        elapsed: float,
-        error: BaseException | None,
-        dropped: int,
-    ) -> None:
-        on_batch = self._settings.on_batch
-        assert on_batch is not None
-        info = BatchInfo(
-            started_at=started,
-            size=len(batch.records),
-            cost=counted,
-            reason=batch.reason,
-            queue_wait_max_s=waited,
-            process_time_s=elapsed,
-            error=error,
-            dropped=dropped,
-        )
+    def _report(self, on_batch: Callable[[BatchInfo], object], info: BatchInfo) -> None:
         try:
             on_batch(info)
         except (KeyboardInterrupt, SystemExit) as exc:

@@ -2,7 +2,7 @@
 
 [Settings][] holds every setting of a batcher except its functions' wiring
 (``process_fn``, ``executor``).  The constructor builds one, ``configure``
-would build a changed copy with [Settings.replace][]; both go through the same
+builds a changed copy with [Settings.replace][]; both go through the same
 validation, so a batcher never holds a setting it would refuse.  The rest of
 the code reads settings from here and nowhere else.
 
@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any, SupportsIndex
 
+from typing_extensions import TypedDict
+
 from ._stats import BatchInfo
-from ._types import BatchCost, Dispatch, Grouping
+from ._types import BatchCost, Dispatch, Grouping, OnBatchError
 
 MAX_COST = 2**63 - 1
 """The largest cost of one record, so every sum and average in the stats stays a finite float."""
@@ -112,6 +115,8 @@ class Settings:
     priority_aging_s: float = 1.0
     cost_estimator: Callable[[Any], int] | None = None
     on_batch: Callable[[BatchInfo], object] | None = None
+    batch_key: Callable[[Any], Hashable] | None = None
+    on_batch_error: OnBatchError = "fail"
     stream_buffer: int = 10_000
     budget_name: str = field(default="target_batch_cost", repr=False, compare=False)
     default_name: str = field(default="default_cost", repr=False, compare=False)
@@ -123,6 +128,8 @@ class Settings:
             raise TypeError(f"{self.estimator_name} must be callable or None, got {self.cost_estimator!r}")
         if self.on_batch is not None and not callable(self.on_batch):
             raise TypeError(f"on_batch must be callable or None, got {self.on_batch!r}")
+        if self.batch_key is not None and not callable(self.batch_key):
+            raise TypeError(f"batch_key must be callable or None, got {self.batch_key!r}")
         check_int(self.budget_name, self.target_batch_cost, 1)
         check_int("max_batch_size", self.max_batch_size, 1)
         check_int("min_batch_size", self.min_batch_size, 1)
@@ -146,11 +153,61 @@ class Settings:
         check_int("max_concurrent_batches", self.max_concurrent_batches, 1)
         check_choice("batch_cost", self.batch_cost, ("sum", "padded"))
         check_choice("grouping", self.grouping, ("fifo", "similar_cost"))
+        check_choice("on_batch_error", self.on_batch_error, ("fail", "isolate"))
         check_int("stream_buffer", self.stream_buffer, 1)
 
-    def replace(self, **changes: Any) -> Settings:
-        """A validated copy with ``changes`` applied (all or nothing: a bad value raises, nothing changes)."""
-        unknown = sorted(set(changes) - {f for f in self.__dataclass_fields__ if not f.endswith("_name")})
+    def replace(self, names: Mapping[str, str] = MappingProxyType({}), /, **changes: Any) -> Settings:
+        """A validated copy with ``changes`` applied (all or nothing: a bad value raises, nothing changes).
+
+        Args:
+            names: The public names errors use for this change (``budget_name``,
+                ``default_name``, ``estimator_name``), if not those of ``self``.
+            **changes: New values of settings, by field name.
+
+        Raises:
+            TypeError: A name that is no setting, or a value of the wrong type.
+            ValueError: A value out of range.
+        """
+        unknown = sorted(set(changes) - set(SETTING_NAMES))
         if unknown:
             raise TypeError(f"unknown setting(s): {', '.join(unknown)}")
-        return replace(self, **changes)
+        return replace(self, **{**changes, **names})
+
+
+SETTING_NAMES = tuple(name for name in Settings.__dataclass_fields__ if not name.endswith("_name"))
+"""The names of every setting, in declaration order."""
+
+
+RESTART_ONLY = ("dispatch", "max_concurrent_batches")
+"""Settings that ``configure`` changes only while the batcher is not running: they shape its loops."""
+
+
+class SettingsChanges(TypedDict, total=False):
+    """The keyword arguments of [DynamicBatcher.configure][tokenbatcher.DynamicBatcher.configure]: any settings."""
+
+    cost_estimator: Callable[[Any], int] | None
+    target_batch_cost: int
+    max_batch_size: int
+    min_batch_size: int
+    batch_timeout_s: float
+    max_queue_size: int
+    prefetch_batches: int
+    default_cost: int
+    dispatch: Dispatch
+    max_concurrent_batches: int
+    request_timeout_s: float | None
+    batch_cost: BatchCost
+    grouping: Grouping
+    priority_aging_s: float
+    on_batch: Callable[[BatchInfo], object] | None
+    batch_key: Callable[[Any], Hashable] | None
+    on_batch_error: OnBatchError
+    stream_buffer: int
+
+
+class TokenSettingsChanges(SettingsChanges, total=False):
+    """The keyword arguments of [TokenBatcher.configure][tokenbatcher.TokenBatcher.configure]: the token names too."""
+
+    token_estimator: Callable[[Any], int] | None
+    target_batch_tokens: int
+    default_token_estimate: int

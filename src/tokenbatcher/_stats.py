@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Generator, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Literal, TypeAlias, TypeVar
@@ -125,6 +125,14 @@ class BatchStats:
     """Seconds from ``submit`` to the start of the record's batch, over the last 1,024 records."""
     dispatch_reasons: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     """How many batches were closed for each [DispatchReason][]."""
+    total_retries: int = 0
+    """``process_fn`` calls that re-ran part of a failed batch (``on_batch_error="isolate"``); calls.
+
+    Not counted in ``total_batches``: a batch counts once, however often its parts are re-run."""
+    total_isolated_failures: int = 0
+    """Records that failed alone when their failed batch was re-run (``on_batch_error="isolate"``); records.
+
+    Each also counts in ``total_failed``."""
 
     @property
     def utilization(self) -> float:
@@ -186,12 +194,21 @@ class BatchInfo:
     process_time_s: float
     """Seconds inside ``process_fn``."""
     error: BaseException | None
-    """What ``process_fn`` raised (or the result-shape error), None on success."""
+    """What ``process_fn`` raised (or the result-shape error), None on success.
+
+    With ``on_batch_error="isolate"``, what it raised on the whole batch: the
+    records got their results or their own exceptions (see ``isolated_failures``)."""
     dropped: int
     """Records of this batch dropped just before dispatch because their futures were already done.
 
     Records cancelled or expired while still queued are dropped earlier and are
     not counted here; ``BatchStats.total_cancelled`` and ``total_expired`` count all."""
+    key: Hashable = None
+    """The batch's key (``batch_key`` or ``submit(..., key=...)``); None for unkeyed records."""
+    retries: int = 0
+    """``on_batch_error="isolate"``: calls that re-ran parts of this batch after it failed (``error``)."""
+    isolated_failures: int = 0
+    """``on_batch_error="isolate"``: records of this batch that failed alone, with their own exceptions."""
 
 
 class Recorder:
@@ -203,6 +220,8 @@ class Recorder:
         self.cancelled = 0
         self.expired = 0
         self.rejected = 0
+        self.retries = 0
+        self.isolated = 0
         self.batches = 0
         self.batch_cost_sum = 0
         self.batch_size_sum = 0
@@ -268,4 +287,6 @@ class Recorder:
             process_time_s=Percentiles.of(copied(self.process_times)),
             queue_wait_s=Percentiles.of(copied(self.waits)),
             dispatch_reasons=MappingProxyType(dict(copied(self.reasons.items()))),
+            total_retries=self.retries,
+            total_isolated_failures=self.isolated,
         )

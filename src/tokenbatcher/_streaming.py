@@ -31,7 +31,7 @@ Owns: the batcher's side of streams.  Must not touch: how batches are formed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Hashable
 from typing import TYPE_CHECKING, Any, cast
 
 from ._core import Core
@@ -54,7 +54,13 @@ class Streaming(Core[RecordT, ResultT]):
         async def _wait_for_room(self, n: int = 1) -> None: ...
 
         def _enqueue(
-            self, item: RecordT, cost: int, timeout_s: float | None, priority: int, kind: type[Record[Any]] = ...
+            self,
+            item: RecordT,
+            cost: int,
+            timeout_s: float | None,
+            priority: int,
+            kind: type[Record[Any]] = ...,
+            group: Hashable = ...,
         ) -> Record[Any]: ...
 
     async def submit_stream(
@@ -64,6 +70,7 @@ class Streaming(Core[RecordT, ResultT]):
         estimated_cost: int | None = None,
         timeout_s: float | None = None,
         priority: int = 0,
+        key: Hashable | None = None,
     ) -> Stream[ResultT]:
         """Queue one record of a streaming batcher; return the stream of its entries.
 
@@ -82,6 +89,7 @@ class Streaming(Core[RecordT, ResultT]):
             estimated_cost: Its cost, as for ``submit``.
             timeout_s: A deadline while it is queued, as for ``submit``.
             priority: As for ``submit``.
+            key: As for ``submit``: records with different keys never share a batch.
 
         Returns:
             The record's [Stream][tokenbatcher.Stream].
@@ -102,9 +110,11 @@ class Streaming(Core[RecordT, ResultT]):
             self._refuse()
         cost = self._cost(record, estimated_cost)
         deadline = self._check_request(timeout_s, priority)
+        if key is not None or self._batch_key is not None:
+            key = self._group(record, key)
         if self._pending.size >= self._max_queue_size:
             await self._wait_for_room()
-        channel = self._enqueue(record, cost, deadline, priority, Channel)
+        channel = self._enqueue(record, cost, deadline, priority, Channel, group=key)
         return Stream(cast("Channel[ResultT]", channel))
 
     def _stream_call(self, live: list[Record[Any]]) -> Coroutine[Any, Any, list[None]]:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+from typing_extensions import Unpack
 
 from ._batcher import DynamicBatcher
-from ._settings import MAX_COST, bad_cost
+from ._settings import MAX_COST, TokenSettingsChanges, bad_cost
 from ._stats import BatchInfo
 from ._streams import Stream, StreamFn
-from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, ProcessFn, RecordT, ResultT
+from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, OnBatchError, ProcessFn, RecordT, ResultT
 
 
 class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
@@ -41,6 +44,8 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         grouping: As [DynamicBatcher][].
         priority_aging_s: As [DynamicBatcher][].
         on_batch: As [DynamicBatcher][].
+        batch_key: As [DynamicBatcher][].
+        on_batch_error: As [DynamicBatcher][].
         executor: As [DynamicBatcher][].
         stream_buffer: As [DynamicBatcher][].
 
@@ -94,6 +99,8 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         grouping: Grouping = "fifo",
         priority_aging_s: float = 1.0,
         on_batch: Callable[[BatchInfo], object] | None = None,
+        batch_key: Callable[[RecordT], Hashable] | None = None,
+        on_batch_error: OnBatchError = "fail",
         executor: concurrent.futures.Executor | None = None,
         stream_buffer: int = 10_000,
     ) -> None:
@@ -118,6 +125,8 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
             grouping=grouping,
             priority_aging_s=priority_aging_s,
             on_batch=on_batch,
+            batch_key=batch_key,
+            on_batch_error=on_batch_error,
             executor=executor,
             stream_buffer=stream_buffer,
         )
@@ -136,6 +145,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         estimated_cost: int | None = None,
         timeout_s: float | None = None,
         priority: int = 0,
+        key: Hashable | None = None,
     ) -> asyncio.Future[ResultT]:
         """Queue one record; return the future of its result.
 
@@ -146,7 +156,9 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         """
         if estimated_tokens is not None:
             estimated_cost = _tokens(estimated_tokens)
-        return await super().submit(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
+        return await super().submit(
+            record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority, key=key
+        )
 
     async def call(
         self,
@@ -156,6 +168,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         estimated_cost: int | None = None,
         timeout_s: float | None = None,
         priority: int = 0,
+        key: Hashable | None = None,
     ) -> ResultT:
         """As [DynamicBatcher.call][], with ``estimated_tokens``."""
         future = await self.submit(
@@ -164,6 +177,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
             estimated_cost=estimated_cost,
             timeout_s=timeout_s,
             priority=priority,
+            key=key,
         )
         return await future
 
@@ -175,12 +189,13 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         estimated_cost: int | None = None,
         timeout_s: float | None = None,
         priority: int = 0,
+        key: Hashable | None = None,
     ) -> Stream[ResultT]:
         """As [DynamicBatcher.submit_stream][], with ``estimated_tokens``."""
         if estimated_tokens is not None:
             estimated_cost = _tokens(estimated_tokens)
         return await super().submit_stream(
-            record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority
+            record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority, key=key
         )
 
     def submit_nowait(
@@ -191,11 +206,14 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         estimated_cost: int | None = None,
         timeout_s: float | None = None,
         priority: int = 0,
+        key: Hashable | None = None,
     ) -> asyncio.Future[ResultT]:
         """As [DynamicBatcher.submit_nowait][], with ``estimated_tokens``."""
         if estimated_tokens is not None:
             estimated_cost = _tokens(estimated_tokens)
-        return super().submit_nowait(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
+        return super().submit_nowait(
+            record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority, key=key
+        )
 
     def submit_threadsafe(
         self,
@@ -205,11 +223,14 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         estimated_cost: int | None = None,
         timeout_s: float | None = None,
         priority: int = 0,
+        key: Hashable | None = None,
     ) -> concurrent.futures.Future[ResultT]:
         """As [DynamicBatcher.submit_threadsafe][], with ``estimated_tokens``."""
         if estimated_tokens is not None:
             estimated_cost = _tokens(estimated_tokens)
-        return super().submit_threadsafe(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority)
+        return super().submit_threadsafe(
+            record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority, key=key
+        )
 
     async def submit_batch(
         self,
@@ -219,6 +240,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         estimated_cost: Sequence[int] | None = None,
         timeout_s: float | None = None,
         priority: int = 0,
+        key: Hashable | None = None,
     ) -> list[asyncio.Future[ResultT]]:
         """As [DynamicBatcher.submit_batch][], with ``estimated_tokens``."""
         if estimated_tokens is not None:
@@ -229,8 +251,48 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
                 )
             estimated_cost = [_tokens(n) for n in estimated_tokens]
         return await super().submit_batch(
-            records, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority
+            records, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority, key=key
         )
+
+    def configure(self, **settings: Unpack[TokenSettingsChanges]) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]  (it takes more names)
+        """As [DynamicBatcher.configure][], with the token names too.
+
+        ``target_batch_tokens``, ``default_token_estimate`` and
+        ``token_estimator`` set what ``target_batch_cost``, ``default_cost``
+        and ``cost_estimator`` set, and win when both are given.
+        """
+        changes: dict[str, Any] = dict(settings)
+        names: dict[str, str] = {}
+        for token_name, base_name, name_field in _TOKEN_NAMES:
+            if token_name in changes:
+                changes[base_name] = changes.pop(token_name)
+                names[name_field] = token_name
+            elif base_name in changes:
+                names[name_field] = base_name
+        self._configure(changes, names)
+
+    @property
+    def target_batch_tokens(self) -> int:
+        """The token budget of one batch (the same as ``target_batch_cost``)."""
+        return self._settings.target_batch_cost
+
+    @property
+    def default_token_estimate(self) -> int:
+        """A record's tokens when nothing prices it (the same as ``default_cost``)."""
+        return self._settings.default_cost
+
+    @property
+    def token_estimator(self) -> Callable[[RecordT], int] | None:
+        """``f(record) -> int`` counting a record's tokens (the same as ``cost_estimator``)."""
+        return self._settings.cost_estimator
+
+
+_TOKEN_NAMES = (
+    ("target_batch_tokens", "target_batch_cost", "budget_name"),
+    ("default_token_estimate", "default_cost", "default_name"),
+    ("token_estimator", "cost_estimator", "estimator_name"),
+)
+"""``(token name, base name, the Settings field that names it in errors)``."""
 
 
 def _tokens(value: object) -> int:

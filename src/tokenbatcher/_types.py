@@ -35,6 +35,9 @@ BatchCost: TypeAlias = Literal["sum", "padded"]
 Grouping: TypeAlias = Literal["fifo", "similar_cost"]
 """Which queued records are put together; see [DynamicBatcher][tokenbatcher.DynamicBatcher]."""
 
+OnBatchError: TypeAlias = Literal["fail", "isolate"]
+"""What a batch's futures get when ``process_fn`` raises; see [DynamicBatcher][tokenbatcher.DynamicBatcher]."""
+
 
 @runtime_checkable
 class CostEstimator(Protocol):
