@@ -84,6 +84,8 @@ def test_dynamic_batcher_signature_matches_the_reference() -> None:
         "grouping": "fifo",
         "priority_aging_s": 1.0,
         "on_batch": None,
+        "batch_key": None,
+        "on_batch_error": "fail",
         "executor": None,
         "stream_buffer": 10_000,
     }
@@ -117,13 +119,105 @@ def test_submit_signatures() -> None:
         ("estimated_cost", K, None),
         ("timeout_s", K, None),
         ("priority", K, 0),
+        ("key", K, None),
     ]
     assert params(TokenBatcher.submit)[1:3] == [("record", PK, E), ("estimated_tokens", K, None)]
     assert params(DynamicBatcher.submit_batch)[1:3] == [("records", PK, E), ("estimated_cost", K, None)]
     assert params(DynamicBatcher.stop)[1:] == [("timeout", K, None)]
-    # call() takes exactly what submit() takes, in both classes
-    assert params(DynamicBatcher.call) == params(DynamicBatcher.submit)
-    assert params(TokenBatcher.call) == params(TokenBatcher.submit)
+    # call() takes exactly what submit() takes, in both classes; so do the other ways in, after the record
+    for cls in (DynamicBatcher, TokenBatcher):
+        submit = params(cls.submit)
+        assert params(cls.call) == submit
+        assert params(cls.submit_nowait) == submit
+        assert params(cls.submit_threadsafe) == submit
+        assert params(cls.submit_batch)[2:] == submit[2:]
+    assert [p[0] for p in params(TokenBatcher.submit)[2:]] == [
+        "estimated_tokens",
+        "estimated_cost",
+        "timeout_s",
+        "priority",
+        "key",
+    ]
+
+
+SETTINGS = [
+    "cost_estimator",
+    "target_batch_cost",
+    "max_batch_size",
+    "min_batch_size",
+    "batch_timeout_s",
+    "max_queue_size",
+    "prefetch_batches",
+    "default_cost",
+    "dispatch",
+    "max_concurrent_batches",
+    "request_timeout_s",
+    "batch_cost",
+    "grouping",
+    "priority_aging_s",
+    "on_batch",
+    "batch_key",
+    "on_batch_error",
+]
+"""Every setting: a constructor argument, a read-back property and a name ``configure`` takes."""
+TOKEN_NAMES = ["token_estimator", "target_batch_tokens", "default_token_estimate"]
+
+
+def test_every_setting_is_a_constructor_argument_a_property_and_configurable() -> None:
+    from tokenbatcher._settings import SettingsChanges, TokenSettingsChanges
+
+    constructor = {p[0] for p in params(DynamicBatcher.__init__)} - {"self", "process_fn", "executor"}
+    assert constructor == set(SETTINGS)
+    assert set(SettingsChanges.__annotations__) == set(SETTINGS)
+    assert set(TokenSettingsChanges.__annotations__) == set(SETTINGS) | set(TOKEN_NAMES)
+    assert params(DynamicBatcher.configure)[1:] == [("settings", inspect.Parameter.VAR_KEYWORD, E)]
+    for cls, names in ((DynamicBatcher, SETTINGS), (TokenBatcher, SETTINGS + TOKEN_NAMES)):
+        for name in names:
+            member = inspect.getattr_static(cls, name)
+            assert isinstance(member, property), f"{cls.__name__}.{name}"
+            assert member.fset is None, f"{cls.__name__}.{name} is read-only (change it with configure)"
+
+
+def test_properties_read_back_the_constructor_arguments() -> None:
+    def estimate(record: Any) -> int:
+        return 2
+
+    def hook(info: Any) -> None:
+        pass
+
+    given: dict[str, Any] = {
+        "cost_estimator": estimate,
+        "target_batch_cost": 77,
+        "max_batch_size": 9,
+        "min_batch_size": 3,
+        "batch_timeout_s": 1,
+        "max_queue_size": 50,
+        "prefetch_batches": 4,
+        "default_cost": 5,
+        "dispatch": "eager",
+        "max_concurrent_batches": 2,
+        "request_timeout_s": 30,
+        "batch_cost": "padded",
+        "grouping": "similar_cost",
+        "priority_aging_s": 0.5,
+        "on_batch": hook,
+        "batch_key": len,
+        "on_batch_error": "isolate",
+    }
+    assert set(given) == set(SETTINGS)
+    batcher = DynamicBatcher(echo, **given)
+    for name, value in given.items():
+        assert getattr(batcher, name) == value, name
+    assert type(batcher.batch_timeout_s) is float  # seconds are stored as floats
+    token = TokenBatcher(echo, token_estimator=estimate, target_batch_tokens=12, default_token_estimate=3)
+    assert (token.token_estimator, token.target_batch_tokens, token.default_token_estimate) == (estimate, 12, 3)
+    assert (token.cost_estimator, token.target_batch_cost, token.default_cost) == (estimate, 12, 3)
+    defaults = TokenBatcher(echo)
+    assert (defaults.token_estimator, defaults.target_batch_tokens, defaults.default_token_estimate) == (
+        None,
+        32_000,
+        1,
+    )
 
 
 def test_token_batcher_requires_a_function() -> None:

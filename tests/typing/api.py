@@ -19,9 +19,11 @@ from tokenbatcher import (
     BatchInfo,
     BatchStats,
     CostEstimator,
+    Dispatch,
     DispatchReason,
     DynamicBatcher,
     End,
+    OnBatchError,
     Percentiles,
     Prompt,
     Stream,
@@ -101,7 +103,7 @@ async def streams() -> None:
     tokens = TokenBatcher(decode, stream_buffer=1_000, max_batch_size=8)
     assert_type(tokens, TokenBatcher[Prompt, str])
     async with tokens as b:
-        stream = await b.submit_stream(Prompt("hi"), estimated_tokens=2, timeout_s=1.0, priority=1)
+        stream = await b.submit_stream(Prompt("hi"), estimated_tokens=2, timeout_s=1.0, priority=1, key="a")
         assert_type(stream, Stream[str])
         async with contextlib.aclosing(stream):
             async for token in stream:
@@ -115,3 +117,28 @@ async def streams() -> None:
         assert_type(entry, str)
     error: RuntimeError = StreamOverflowError("behind")
     del error
+
+
+async def configured() -> None:
+    batcher = DynamicBatcher(lengths, batch_key=len, on_batch_error="isolate")
+    assert_type(batcher.max_batch_size, int)
+    assert_type(batcher.batch_timeout_s, float)
+    assert_type(batcher.request_timeout_s, float | None)
+    assert_type(batcher.dispatch, Dispatch)
+    assert_type(batcher.on_batch_error, OnBatchError)
+    batcher.configure(max_batch_size=64, batch_timeout_s=0.01, grouping="similar_cost", batch_key=None)
+    batcher.configure(target_batch_tokens=10)  # type: ignore[call-arg]  # pyright: ignore[reportCallIssue]
+    batcher.configure(max_batch_size="64")  # type: ignore[arg-type]  # pyright: ignore[reportArgumentType]
+    async with batcher as b:
+        assert_type(await b.submit("abc", key="model-a"), asyncio.Future[int])
+        assert_type(await b.call("abc", key=("tenant", 3)), int)
+        assert_type(b.submit_nowait("x", key=7), asyncio.Future[int])
+        assert_type(await b.submit_batch(["a"], key="k"), list[asyncio.Future[int]])
+        assert_type(b.submit_threadsafe("x", key="k"), concurrent.futures.Future[int])
+    stats = batcher.stats
+    assert_type(stats.total_retries, int)
+    assert_type(stats.total_isolated_failures, int)
+    tokens = TokenBatcher(completions, batch_key=lambda p: p.text[:1])
+    tokens.configure(target_batch_tokens=8_000, token_estimator=None, default_token_estimate=4)
+    assert_type(tokens.target_batch_tokens, int)
+    assert_type(await (await tokens.submit(Prompt("x"), estimated_tokens=1, key="a")), str)

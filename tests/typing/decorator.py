@@ -81,6 +81,7 @@ async def streams(decoder: Decoder) -> None:
 async def calls(model: Model) -> None:
     assert_type(await embed(Prompt("hi")), list[float])
     assert_type(await embed(Prompt("hi"), estimated_tokens=3, timeout_s=1.0, priority=-1), list[float])
+    assert_type(await embed(Prompt("hi"), key="adapter-7"), list[float])
     assert_type(await lengths("abc", estimated_cost=1), int)
     assert_type(await encode("abc"), bytes)
     assert_type(await upper("abc"), str)
