@@ -1,7 +1,9 @@
 """A state machine that interleaves everything a batcher can meet, on a virtual clock.
 
 Rules submit records (``submit``, ``submit_nowait``, ``submit_batch``, and
-``submit_threadsafe`` from a real thread), cancel futures, let virtual time pass,
+``submit_threadsafe`` from a real thread; with ``batch_key``, into up to three
+keys), change settings with ``configure`` (and try to change the ones that
+need a restart), cancel futures, let virtual time pass,
 read stats from a real thread while the loop runs, make the next batches
 misbehave (raise, raise before returning an awaitable, raise ``CancelledError``,
 hang until released, hang for good, return too few results or a non-list), stop
@@ -16,10 +18,13 @@ its record, and the stats against the futures:
   ``TimeoutError`` of an expired record that never reached ``process_fn``, or the
   ``BatcherStoppedError`` of a stop that gave up (timeout, or cancelled ``stop``);
 * a record reaches ``process_fn`` at most once, while its future is pending, and
-  before its deadline;
+  before its deadline; a batch holds records of one key, and obeys the limits
+  in force when it was formed (with ``"window"``, those of any ``configure``
+  since the run began: a sealed batch keeps the limits it was formed with);
 * ``total_completed``/``failed``/``cancelled``/``expired``/``pending``/``rejected``
   equal the futures' states, and they add up to ``total_submitted``;
-* the queue never holds more than ``max_queue_size`` records;
+* the queue never holds more than ``max_queue_size`` records (after a lowering
+  ``configure``, the records already queued stay until it drains below it);
 * no internal loop of the batcher fails, and the event loop reports no stray exception;
 * ``submit_batch`` is all or nothing: when it gives up waiting for room, none of
   its records reaches ``process_fn`` or the counters;
@@ -90,6 +95,14 @@ class Box:
     """A record as process_fn sees it."""
 
     rid: int
+    key: int = 0
+
+
+def key_of(box: Box) -> int:
+    return box.key
+
+
+LIMITS = ("target_batch_cost", "max_batch_size", "batch_cost")
 
 
 def refused(future: asyncio.Future[Any] | concurrent.futures.Future[Any]) -> bool:
@@ -131,6 +144,9 @@ class BatcherMachine(RuleBasedStateMachine):
         self.problems: list[str] = []
         self.next_id = 0
         self.thread = concurrent.futures.ThreadPoolExecutor(1)  # the real thread of the threaded rules
+        self.keys = 0  # records get one of this many keys (0: the batcher is not keyed)
+        self.limits: list[dict[str, Any]] = []  # batch limits a batch handed over now may have been formed under
+        self.queue_bound = 0  # the queue's bound: max_queue_size, or more while a lowering configure drains
 
     # ------------------------------------------------------------------ helpers
 
@@ -159,11 +175,10 @@ class BatcherMachine(RuleBasedStateMachine):
             if rec.deadline is not None and self.now() > rec.deadline + EPS:
                 self.problems.append(f"record {it.rid} handed over at {self.now()} after its deadline {rec.deadline}")
         costs = [self.recs[it.rid].cost for it in items if it.rid in self.recs]
-        counted = len(costs) * max(costs) if self.config["batch_cost"] == "padded" else sum(costs)
-        if len(items) > 1 and counted > self.config["target_batch_cost"]:
-            self.problems.append(f"batch {index} costs {counted} ({costs}), over the budget")
-        if not 1 <= len(items) <= self.config["max_batch_size"]:
-            self.problems.append(f"batch {index} holds {len(items)} records")
+        if not any(self.fits(len(items), costs, limits) for limits in self.limits):
+            self.problems.append(f"batch {index} of {len(items)} records costing {costs} breaks {self.limits}")
+        if self.keys and len({it.key for it in items}) > 1:
+            self.problems.append(f"batch {index} mixes keys: {[it.key for it in items]}")
         if mode == "raise_sync":
             batch.error = ValueError(f"raise_sync on batch {index}")
             raise batch.error
@@ -232,7 +247,15 @@ class BatcherMachine(RuleBasedStateMachine):
 
     def fresh(self) -> Box:
         self.next_id += 1
-        return Box(self.next_id)
+        return Box(self.next_id, self.next_id % self.keys if self.keys else 0)
+
+    @staticmethod
+    def fits(size: int, costs: list[int], limits: dict[str, Any]) -> bool:
+        counted = len(costs) * max(costs, default=0) if limits["batch_cost"] == "padded" else sum(costs)
+        return 1 <= size <= limits["max_batch_size"] and (size == 1 or counted <= limits["target_batch_cost"])
+
+    def limits_now(self) -> dict[str, Any]:
+        return {name: self.config[name] for name in LIMITS}
 
     def in_thread(self, fn: Any) -> Any:
         """Run ``fn`` in a real thread while the event loop is blocked: no virtual time passes meanwhile."""
@@ -283,6 +306,7 @@ class BatcherMachine(RuleBasedStateMachine):
         request_timeout_s=TIMEOUTS,
         aging=st.sampled_from([0.0, 0.5, 1.0]),
         proc_time=QUARTERS,
+        keys=st.sampled_from([0, 0, 1, 2, 3]),
     )
     def setup(
         self,
@@ -298,7 +322,9 @@ class BatcherMachine(RuleBasedStateMachine):
         request_timeout_s: float | None,
         aging: float,
         proc_time: float,
+        keys: int,
     ) -> None:
+        self.keys = keys
         self.config = {
             "dispatch": dispatch,
             "batch_cost": batch_cost,
@@ -314,7 +340,11 @@ class BatcherMachine(RuleBasedStateMachine):
             "priority_aging_s": aging,
         }
         self.proc_time = proc_time
-        self.batcher = DynamicBatcher(self.process_fn, executor=OnLoop(), **self.config)
+        self.limits = [self.limits_now()]
+        self.queue_bound = max_queue_size
+        self.batcher = DynamicBatcher(
+            self.process_fn, executor=OnLoop(), batch_key=key_of if keys else None, **self.config
+        )
         self.run(self.batcher.start())
         self.running = True
 
@@ -435,6 +465,54 @@ class BatcherMachine(RuleBasedStateMachine):
             await asyncio.sleep(wait)
 
         self.run(go())
+
+    @rule(
+        changes=st.fixed_dictionaries(
+            {},
+            optional={
+                "target_batch_cost": st.integers(1, 10),
+                "max_batch_size": st.integers(1, 5),
+                "min_batch_size": st.integers(1, 5),
+                "batch_cost": st.sampled_from(["sum", "padded"]),
+                "grouping": st.sampled_from(["fifo", "similar_cost"]),
+                "batch_timeout_s": st.sampled_from([0.0, 0.25, 1.0]),
+                "max_queue_size": st.sampled_from([1, 2, 4, 8, 1000]),
+                "prefetch_batches": st.integers(1, 3),
+                "request_timeout_s": TIMEOUTS,
+                "priority_aging_s": st.sampled_from([0.0, 0.5, 1.0]),
+            },
+        ),
+        loops=st.none()
+        | st.tuples(st.just("dispatch"), st.sampled_from(["window", "eager"]))
+        | st.tuples(st.just("max_concurrent_batches"), st.integers(1, 3)),
+    )
+    def configure(self, changes: dict[str, Any], loops: tuple[str, Any] | None) -> None:
+        """All or nothing; limits from the next batch on; the loops' shape only while stopped."""
+        self.step = "configure"
+        b = self.batcher
+        assert b is not None
+        if loops is not None:
+            changes = {**changes, loops[0]: loops[1]}
+        merged = {**self.config, **changes}
+        before = {name: getattr(b, name) for name in self.config}
+        assert before == self.config
+        if merged["min_batch_size"] > merged["max_batch_size"]:
+            with pytest.raises(ValueError, match="min_batch_size must be <= max_batch_size"):
+                b.configure(**changes)
+        elif self.running and loops is not None and loops[1] != self.config[loops[0]]:
+            with pytest.raises(RuntimeError, match=f"{loops[0]} cannot change while DynamicBatcher is running"):
+                b.configure(**changes)
+        else:
+            b.configure(**changes)
+            self.config = merged
+            event(f"configure {'while running' if self.running else 'while stopped'}")
+            if self.config["dispatch"] == "eager":
+                self.limits = [self.limits_now()]  # a batch is formed when it is handed over
+            else:
+                self.limits.append(self.limits_now())  # sealed batches keep theirs
+            self.run(asyncio.sleep(0))  # the loops look again
+            return
+        assert {name: getattr(b, name) for name in self.config} == before, "a refused configure changed something"
 
     @rule(dt=QUARTERS)
     def read_stats_from_a_thread(self, dt: float) -> None:
@@ -618,6 +696,7 @@ class BatcherMachine(RuleBasedStateMachine):
         assert stats.pending == 0, stats
         assert stats.queue_depth == 0, stats
         self.stats_account_for_every_future()
+        self.limits = [self.limits_now()]  # every batch of the last run is done
 
     @rule()
     def start(self) -> None:
@@ -724,7 +803,9 @@ class BatcherMachine(RuleBasedStateMachine):
             stats.total_completed + stats.total_failed + stats.total_cancelled + stats.total_expired + stats.pending
         )
         assert stats.total_batches == len(self.batches), stats
-        assert stats.queue_depth <= self.config["max_queue_size"], stats
+        assert stats.queue_depth <= max(self.queue_bound, self.config["max_queue_size"]), stats
+        if stats.queue_depth <= self.config["max_queue_size"]:
+            self.queue_bound = self.config["max_queue_size"]  # drained below a lowered bound: it holds from now
 
     def outcomes(self) -> set[str]:
         kinds = set()
