@@ -187,6 +187,20 @@ async def test_a_trickling_key_is_not_starved_by_a_flooding_one() -> None:
 
 
 @pytest.mark.asyncio
+async def test_window_a_key_whose_records_waited_through_other_windows_goes_at_once() -> None:
+    fn = Recorder()
+    infos: list[BatchInfo] = []
+    async with DynamicBatcher(fn, batch_timeout_s=1.0, max_batch_size=8, on_batch=infos.append) as batcher:
+        t0 = asyncio.get_running_loop().time()
+        futures = [await batcher.submit(f"{k}{i}", key=k) for i in range(2) for k in "abcd"]
+        await asyncio.gather(*futures)
+    assert fn.batches == [["a0", "a1"], ["b0", "b1"], ["c0", "c1"], ["d0", "d1"]]
+    # a's window runs its full second; b, c and d waited through it, so they go right after, not a second each
+    assert [info.started_at - t0 for info in infos] == [1.0, 1.0, 1.0, 1.0]
+    assert [info.reason for info in infos] == ["timeout"] * 4
+
+
+@pytest.mark.asyncio
 async def test_records_queued_before_the_first_key_keep_their_place() -> None:
     fn = Recorder()
     async with DynamicBatcher(fn, dispatch="eager", max_batch_size=3) as batcher:
@@ -444,3 +458,58 @@ def test_no_batch_mixes_keys_and_every_record_is_served(
     assert stats.total_completed == sum(1 for f in futures.values() if not f.cancelled())
     assert stats.total_cancelled == sum(1 for f in futures.values() if f.cancelled())
     assert (stats.pending, stats.queue_depth, stats.total_failed) == (0, 0, 0)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    raw=st.lists(
+        st.tuples(st.sampled_from("abcd"), st.integers(0, 6), st.sampled_from([0.0, 0.0, 0.25, 1.0])), max_size=30
+    ),
+    grouping=st.sampled_from(["fifo", "similar_cost"]),
+    budget=st.integers(1, 12),
+    max_batch_size=st.integers(1, 5),
+    proc_time=st.sampled_from([0.25, 0.5]),
+)
+def test_a_keyed_record_is_taken_within_r_plus_1_batches(
+    raw: list[tuple[str, int, float]], grouping: str, budget: int, max_batch_size: int, proc_time: float
+) -> None:
+    """concepts.md: with ``r`` live records ahead of it (any key), a record is taken within ``r + 1`` batches.
+
+    Eager, one slot: a batch is taken when it is handed over, so batches are counted exactly."""
+    calls: list[list[int]] = []
+    ahead: dict[int, int] = {}
+    calls_before: dict[int, int] = {}
+
+    def process_fn(batch: list[tuple[int, str]]) -> Any:
+        calls.append([rid for rid, _ in batch])
+
+        async def work() -> list[int]:
+            await asyncio.sleep(proc_time)
+            return [rid for rid, _ in batch]
+
+        return work()
+
+    batcher = DynamicBatcher(
+        process_fn,
+        executor=OnLoop(),
+        dispatch="eager",
+        grouping=grouping,  # type: ignore[arg-type]
+        target_batch_cost=budget,
+        max_batch_size=max_batch_size,
+        batch_key=lambda record: record[1],
+    )
+
+    async def main() -> None:
+        futures = []
+        async with batcher:
+            for rid, (key, cost, gap) in enumerate(raw):
+                await asyncio.sleep(gap)
+                futures.append(await batcher.submit((rid, key), estimated_cost=cost))
+                ahead[rid] = batcher.stats.queue_depth - 1
+                calls_before[rid] = len(calls)
+        assert [f.result() for f in futures] == list(range(len(raw)))
+
+    run_virtual(main())
+    for index, batch in enumerate(calls):
+        for rid in batch:
+            assert index - calls_before[rid] + 1 <= ahead[rid] + 1, (rid, ahead[rid], calls)

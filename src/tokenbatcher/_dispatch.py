@@ -11,7 +11,9 @@ new class here, not new branches in the engine.
 * [Window][]: flyte's timing.  One aggregation loop fills a batch for up to
   ``batch_timeout_s`` after its first record (or until it is full) and seals
   it into a bounded prefetch queue of ``prefetch_batches``; processing slots
-  take sealed batches from there.
+  take sealed batches from there.  With keys, a window also closes
+  ``batch_timeout_s`` after its key's oldest record arrived: records that
+  waited through other keys' windows do not wait a window of their own.
 * [Eager][]: each processing slot forms its batch the moment it is free, from
   whatever is queued (waiting for ``min_batch_size`` records at most
   ``batch_timeout_s`` after the oldest arrived); while every slot is busy the
@@ -105,6 +107,8 @@ class Window(Strategy):
                     await b._wait_arrivals(1, None)
                 reason: DispatchReason = "timeout"
                 deadline = loop.time() + b._settings.batch_timeout_s
+                if b._keyed:  # a key's records may have waited through other keys' windows: not again
+                    deadline = min(deadline, b._pending.oldest_time() + b._settings.batch_timeout_s)
                 while not b._pending.full:
                     if b._state is not RUNNING:
                         reason = "shutdown"
