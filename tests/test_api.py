@@ -158,6 +158,7 @@ SETTINGS = [
     "on_batch",
     "batch_key",
     "on_batch_error",
+    "stream_buffer",
 ]
 """Every setting: a constructor argument, a read-back property and a name ``configure`` takes."""
 TOKEN_NAMES = ["token_estimator", "target_batch_tokens", "default_token_estimate"]
@@ -203,6 +204,7 @@ def test_properties_read_back_the_constructor_arguments() -> None:
         "on_batch": hook,
         "batch_key": len,
         "on_batch_error": "isolate",
+        "stream_buffer": 64,
     }
     assert set(given) == set(SETTINGS)
     batcher = DynamicBatcher(echo, **given)

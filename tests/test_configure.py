@@ -36,6 +36,7 @@ SETTINGS = (
     "on_batch",
     "batch_key",
     "on_batch_error",
+    "stream_buffer",
 )
 
 

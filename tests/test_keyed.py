@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import OnLoop, run_virtual
-from tokenbatcher import BatchInfo, DynamicBatcher, TokenBatcher, batched
+from tokenbatcher import END, BatchInfo, DynamicBatcher, End, Stream, StreamBatch, TokenBatcher, batched
 from tokenbatcher._keyed import KeyedPending, KeyedRecord
 from tokenbatcher._pending import Pending, Record
 
@@ -513,3 +514,29 @@ def test_a_keyed_record_is_taken_within_r_plus_1_batches(
     for index, batch in enumerate(calls):
         for rid in batch:
             assert index - calls_before[rid] + 1 <= ahead[rid] + 1, (rid, ahead[rid], calls)
+
+
+@pytest.mark.asyncio
+async def test_streams_are_keyed_too_and_a_streaming_batcher_refuses_isolation() -> None:
+    seen: list[list[str]] = []
+
+    async def spell(words: StreamBatch[str]) -> AsyncIterator[list[str | End]]:
+        seen.append(list(words))
+        for step in range(max(len(w) for w in words)):
+            yield [w[step] if step < len(w) else END for w in words]
+
+    async def read(stream: Stream[str]) -> str:
+        return "".join([letter async for letter in stream])
+
+    async with TokenBatcher(spell, batch_key=len, stream_buffer=100) as batcher:
+        streams = [await batcher.submit_stream(w) for w in ("ab", "cde", "fg")]
+        streams.append(await batcher.submit_stream("hi", key=3))
+        assert await asyncio.gather(*(read(s) for s in streams)) == ["ab", "cde", "fg", "hi"]
+        with pytest.raises(ValueError, match="on_batch_error='isolate' re-runs the records"):
+            batcher.configure(on_batch_error="isolate", max_batch_size=2)
+        assert (batcher.on_batch_error, batcher.max_batch_size) == ("fail", 256)
+        batcher.configure(stream_buffer=1)
+        assert batcher.stream_buffer == 1
+    assert seen == [["ab", "fg"], ["cde", "hi"]]
+    with pytest.raises(ValueError, match="a streaming process_fn"):
+        TokenBatcher(spell, on_batch_error="isolate")

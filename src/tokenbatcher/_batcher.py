@@ -126,7 +126,7 @@ class DynamicBatcher(
             [StreamOverflowError][tokenbatcher.StreamOverflowError].  Other batchers ignore it.
 
     Settings are read back by properties of the same names, and changed
-    while running by [configure][].
+    while running by [configure][tokenbatcher.DynamicBatcher.configure].
 
     Raises:
         TypeError: ``process_fn`` is not callable, or a setting has the wrong type.

@@ -66,7 +66,8 @@ class Configuring(Core[RecordT, ResultT]):
         - ``on_batch``, ``on_batch_error`` and ``stream_buffer`` apply to
           batches handed to ``process_fn`` afterwards; the others at once;
         - ``dispatch`` and ``max_concurrent_batches`` only while not running
-          (before [start][] or after [stop][]).
+          (before [start][tokenbatcher.DynamicBatcher.start] or after
+          [stop][tokenbatcher.DynamicBatcher.stop]).
 
         Args:
             **settings: New values, by the constructor's names.
