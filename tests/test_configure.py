@@ -384,3 +384,20 @@ def test_configure_is_all_or_nothing_and_every_batch_obeys_the_limits_of_its_mom
         assert len(batch) <= limits["max_batch_size"]
         counted = len(costs) * max(costs) if limits["batch_cost"] == "padded" else sum(costs)
         assert len(batch) == 1 or counted <= limits["target_batch_cost"], (batch, limits)
+
+
+@pytest.mark.real_clock
+@pytest.mark.timeout(30)
+@pytest.mark.asyncio
+async def test_a_running_batcher_is_configured_on_its_own_loop_only() -> None:
+    loop = asyncio.get_running_loop()
+    async with DynamicBatcher(Gated(), max_batch_size=4) as batcher:
+        with pytest.raises(RuntimeError, match="must be called on its event loop"):
+            await loop.run_in_executor(None, lambda: batcher.configure(max_batch_size=8))
+        assert batcher.max_batch_size == 4
+        done = loop.create_future()
+        loop.call_soon_threadsafe(lambda: (batcher.configure(max_batch_size=8), done.set_result(None)))
+        await done
+        assert batcher.max_batch_size == 8
+    await loop.run_in_executor(None, lambda: batcher.configure(max_batch_size=16))  # stopped: from anywhere
+    assert batcher.max_batch_size == 16

@@ -1,31 +1,14 @@
 """Settings while running: a read-back property for each, and ``configure`` to change them.
 
 ``configure(**settings)`` builds a changed copy of the batcher's ``Settings``
-(validated as the constructor validates, so it is all or nothing), checks
-that nothing it changes needs a restart, then adopts it at once:
-
-* The batch limits (``target_batch_cost``, ``max_batch_size``, ``batch_cost``,
-  ``grouping``) are changed inside the queue, which re-measures the records it
-  holds (O(n) once): no queued record is lost or moves behind a newer one.
-  They shape every batch taken from the queue from then on.  A batch already
-  taken keeps its records: one sealed in the prefetch queue (``"window"``) or
-  inside ``process_fn``.  A ``"window"`` batch still filling keeps the
-  deadline its window opened with, but is re-measured: it closes as soon as
-  the new limits say it is full.
-* Per-record settings (``cost_estimator``, ``default_cost``,
-  ``request_timeout_s``, ``priority_aging_s``, ``batch_key``) apply to records
-  submitted afterwards; queued records keep their cost, deadline, place and key.
-* ``on_batch``, ``on_batch_error`` and ``stream_buffer`` apply to batches
-  handed to ``process_fn`` afterwards; ``min_batch_size``, ``batch_timeout_s`` and ``prefetch_batches``
-  from the loops' next look, which ``configure`` triggers.
-* ``max_queue_size``: raised, waiting producers are let in at once; lowered,
-  queued records stay (new ones wait until the queue is below it), and a
-  ``submit_batch`` that waits with more records than the new size fails with
-  ``ValueError``, as it would have at once.
-* ``dispatch`` and ``max_concurrent_batches`` shape the loops a run starts
-  with, so they change only while the batcher is not running (before
-  ``start()`` or after ``stop()``); changing them while it runs raises
-  ``RuntimeError`` naming the setting, and nothing changes.
+with [Settings.replace][tokenbatcher._settings.Settings.replace], validated as
+the constructor validates, so a bad value changes nothing.  It then refuses a
+change of the settings that shape a run's loops (``RESTART_ONLY``:
+``dispatch``, ``max_concurrent_batches``) while the batcher runs, adopts the
+rest at once (``Core._apply``: the queue re-measures its records in place,
+``Pending.reconfigure``), and wakes the loops and producers so they look at
+the state again.  What applies when is in ``configure``'s docstring: in short,
+from the next batch on; a batch already taken keeps its records.
 
 Owns: the public view of the settings.  Must not touch: how the queue re-measures.
 """
@@ -38,7 +21,7 @@ from typing import Any
 from typing_extensions import Unpack
 
 from ._core import Core, wake_all
-from ._lifecycle import RUNNING, STOPPING
+from ._lifecycle import RUNNING, STOPPING, running_loop
 from ._settings import RESTART_ONLY, SettingsChanges
 from ._stats import BatchInfo
 from ._types import BatchCost, Dispatch, Grouping, OnBatchError, RecordT, ResultT
@@ -78,7 +61,8 @@ class Configuring(Core[RecordT, ResultT]):
                 ``max_batch_size`` once both are applied), or
                 ``on_batch_error="isolate"`` for a streaming ``process_fn``.
             RuntimeError: ``dispatch`` or ``max_concurrent_batches`` would
-                change while the batcher is running.
+                change while the batcher is running; or the batcher is
+                running and this is not its event loop's thread.
 
         Examples:
             >>> import asyncio
@@ -96,10 +80,15 @@ class Configuring(Core[RecordT, ResultT]):
 
     def _configure(self, changes: dict[str, Any], names: dict[str, str]) -> None:
         """``configure`` with base names; ``names`` are the public names errors use for this call."""
+        running = self._state is RUNNING or self._state is STOPPING
+        if running and running_loop() is not self._loop:
+            raise RuntimeError(
+                f"configure() of a running {type(self).__name__} must be called on its event loop; from another "
+                "thread, use loop.call_soon_threadsafe(functools.partial(batcher.configure, ...))"
+            )
         old = self._settings
         new = old.replace(names, **changes)  # validates everything first: nothing changes if it raises
         self._check_combination(new)
-        running = self._state is RUNNING or self._state is STOPPING
         if running:
             for name in RESTART_ONLY:
                 if getattr(new, name) != getattr(old, name):
