@@ -15,13 +15,15 @@ Owns: the public view of the settings.  Must not touch: how the queue re-measure
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
 from typing_extensions import Unpack
 
 from ._core import Core, wake_all
-from ._lifecycle import RUNNING, STOPPING, running_loop
+from ._lifecycle import RUNNING, STOPPING
 from ._settings import RESTART_ONLY, SettingsChanges
 from ._stats import BatchInfo
 from ._types import BatchCost, Dispatch, Grouping, OnBatchError, RecordT, ResultT
@@ -61,8 +63,8 @@ class Configuring(Core[RecordT, ResultT]):
                 ``max_batch_size`` once both are applied), or
                 ``on_batch_error="isolate"`` for a streaming ``process_fn``.
             RuntimeError: ``dispatch`` or ``max_concurrent_batches`` would
-                change while the batcher is running; or the batcher is
-                running and this is not its event loop's thread.
+                change while the batcher is running; or its event loop is
+                running in another thread.
 
         Examples:
             >>> import asyncio
@@ -81,7 +83,8 @@ class Configuring(Core[RecordT, ResultT]):
     def _configure(self, changes: dict[str, Any], names: dict[str, str]) -> None:
         """``configure`` with base names; ``names`` are the public names errors use for this call."""
         running = self._state is RUNNING or self._state is STOPPING
-        if running and running_loop() is not self._loop:
+        loop = self._loop
+        if running and loop is not None and loop.is_running() and not on_loop_thread(loop):
             raise RuntimeError(
                 f"configure() of a running {type(self).__name__} must be called on its event loop; from another "
                 "thread, use loop.call_soon_threadsafe(functools.partial(batcher.configure, ...))"
@@ -199,3 +202,8 @@ class Configuring(Core[RecordT, ResultT]):
     def stream_buffer(self) -> int:
         """A streaming batcher's bound on the entries one stream holds unread."""
         return self._settings.stream_buffer
+
+
+def on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    """True in the thread that runs ``loop`` (asyncio's own record of it)."""
+    return getattr(loop, "_thread_id", None) == threading.get_ident()
