@@ -83,6 +83,7 @@ def test_dynamic_batcher_signature_matches_the_reference() -> None:
         "batch_cost": "sum",
         "grouping": "fifo",
         "priority_aging_s": 1.0,
+        "latency_target_s": None,
         "on_batch": None,
         "executor": None,
     }

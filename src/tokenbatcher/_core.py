@@ -7,6 +7,8 @@ in a module of its own, that share the state declared on [Core][]:
 - ``_intake.py``: ``submit`` and its siblings: validate, price, queue;
 - ``_pending.py``: the queue, and which records make the next batch;
 - ``_dispatch.py``: when a batch is taken and which slot runs it (window, eager);
+- ``_latency.py``: with ``latency_target_s``, what the strategies consult:
+  how large a batch may be, how long it may wait, and which records are let in;
 - ``_processing.py``: a slot calls ``process_fn`` and resolves the futures;
 - ``_lifecycle.py``: start, stop, restart and failure, as a state machine.
 
@@ -26,6 +28,7 @@ from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Generic
 
 from ._deadlines import Deadlines
+from ._durations import DurationModel
 from ._pending import Pending, Record
 from ._settings import Settings
 from ._stats import DispatchReason, Recorder
@@ -33,6 +36,7 @@ from ._types import ProcessFn, RecordT, ResultT
 
 if TYPE_CHECKING:
     from ._dispatch import Strategy
+    from ._latency import LatencyTarget
     from ._lifecycle import State
 
 logger = logging.getLogger("tokenbatcher")
@@ -71,6 +75,10 @@ class Core(Generic[RecordT, ResultT]):
     _deadlines: Deadlines
     _rec: Recorder
     _strategy: Strategy
+    _durations: DurationModel | None
+    """The model of ``process_fn``'s duration; fed after each successful batch when not None."""
+    _latency: LatencyTarget | None
+    """The latency-target policy, with ``latency_target_s``."""
     _state: State
     _loop: asyncio.AbstractEventLoop | None
     _tasks: list[asyncio.Task[None]]
@@ -106,6 +114,8 @@ class Core(Generic[RecordT, ResultT]):
 
         def _run(self, batch: Batch) -> Coroutine[Any, Any, None]: ...
 
+        def _miss(self, rec: Record[Any]) -> None: ...
+
     def _init_core(self, settings: Settings, process_fn: ProcessFn[RecordT, ResultT]) -> None:
         self._process_fn = process_fn
         self._rec = Recorder()
@@ -124,6 +134,7 @@ class Core(Generic[RecordT, ResultT]):
     def _apply(self, settings: Settings) -> None:
         """Adopt ``settings``: the queue and the strategy are built from them."""
         from ._dispatch import Eager, Window  # the strategies refer back to Core
+        from ._latency import LatencyTarget
 
         self._settings = settings
         self._max_queue_size = settings.max_queue_size
@@ -138,12 +149,24 @@ class Core(Generic[RecordT, ResultT]):
             similar=settings.grouping == "similar_cost",
         )
         self._strategy = Eager(self) if settings.dispatch == "eager" else Window(self)
+        self._durations = self._latency = None
+        if settings.latency_target_s is not None:
+            self._durations = DurationModel()
+            self._latency = LatencyTarget(self, self._durations, self._miss)
 
     # ------------------------------------------------------------------ the queue and its waiters
 
     def _take(self, reason: DispatchReason) -> Batch | None:
         """Take the next batch out of the queue into ``_out`` (None if nothing is queued)."""
-        records, limit = self._pending.take()
+        latency = self._latency
+        if latency is None:
+            records, limit = self._pending.take()
+        else:
+            loop = self._loop
+            assert loop is not None
+            records, limit, bound = latency.take(loop.time())
+            if bound:  # the target closed it, not the queue's own limits
+                limit, reason = None, "target"
         if self._room_waiters:
             self._wake_room(len(records))
         if not records:

@@ -70,6 +70,7 @@ class BatcherSettings(TypedDict, total=False):
     batch_cost: BatchCost
     grouping: Grouping
     priority_aging_s: float
+    latency_target_s: float | None
     on_batch: Callable[[BatchInfo], object] | None
     executor: concurrent.futures.Executor | None
 

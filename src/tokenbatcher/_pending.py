@@ -34,7 +34,7 @@ import bisect
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, TypeAlias
 
 from ._types import ResultT
@@ -53,7 +53,7 @@ class Record(asyncio.Future[ResultT]):
     once (see ``cancel``) without a done-callback on every future.
     """
 
-    __slots__ = ("bucket", "cost", "hook", "item", "key", "queued", "seq", "t", "waiting")
+    __slots__ = ("bucket", "cost", "due", "hook", "item", "key", "queued", "seq", "t", "waiting")
     item: Any
     cost: int
     t: float
@@ -66,6 +66,8 @@ class Record(asyncio.Future[ResultT]):
     """True while the record waits in the queue (not in a batch, not forgotten)."""
     waiting: bool
     """True from submit until the record's batch is handed to ``process_fn``: its deadline applies."""
+    due: float
+    """With ``latency_target_s``: loop time by which its result is due (unset otherwise)."""
     bucket: int
     hook: Callable[[Record[Any]], object]
     """Called once when the caller cancels this future."""
@@ -262,6 +264,14 @@ class Pending:
 
     # ------------------------------------------------------------------ reading
 
+    def in_order(self) -> Iterator[Record[Any]]:
+        """The live queued records in dispatch order (lazily; a heap is sorted first).
+
+        The queue must not change while the iterator is in use.
+        """
+        items = self._order.items
+        return (rec for rec in (sorted(items) if self._order.heap else items) if rec.queued)
+
     def oldest_time(self) -> float:
         """Submit time of the live record at the head (the queue must not be empty)."""
         head = self._order.front()
@@ -270,16 +280,21 @@ class Pending:
 
     # ------------------------------------------------------------------ taking
 
-    def take(self) -> tuple[list[Record[Any]], Limit | None]:
+    def take(self, max_size: int | None = None, budget: int | None = None) -> tuple[list[Record[Any]], Limit | None]:
         """Remove and return ``(batch, limit)``: the next batch, and what closed it.
 
-        ``limit`` is ``"budget"`` or ``"max_size"`` when that closed the batch,
-        else None.  Every record of ``batch`` is live and no longer queued.
+        ``max_size`` and ``budget``, when given, tighten the queue's own
+        limits for this batch only (a latency target's cap).  ``limit`` is
+        ``"budget"`` or ``"max_size"`` when that closed the batch, else None.
+        Every record of ``batch`` is live and no longer queued.
         """
         self.peak = max(self.peak, self.size)
         if not self.size:
             return [], None
-        if not self._order.heap and not self._similar:
+        size_cap = self._max_size if max_size is None else max(1, min(max_size, self._max_size))
+        cost_cap = self._budget if budget is None else max(0, min(budget, self._budget))
+        own = size_cap == self._max_size and cost_cap == self._budget
+        if own and not self._order.heap and not self._similar:
             if self._fill_stale:
                 self._refill()
             batch, limit = self._take_prefix()
@@ -289,9 +304,9 @@ class Pending:
             self._order.pop()
             if self._similar:
                 self._pop_from_bucket(head)
-                batch, limit = self._take_similar(head)
+                batch, limit = self._take_similar(head, cost_cap, size_cap)
             else:
-                batch, limit = self._take_fifo(head)
+                batch, limit = self._take_fifo(head, cost_cap, size_cap)
         self.size -= len(batch)
         self._total -= sum(rec.cost for rec in batch)
         if not self.size:
@@ -317,8 +332,8 @@ class Pending:
             limit = "max_size" if self._fill_n >= self._max_size else "budget"
         return batch, limit
 
-    def _take_fifo(self, head: Record[Any]) -> tuple[list[Record[Any]], Limit | None]:
-        budget, max_size, padded = self._budget, self._max_size, self._padded
+    def _take_fifo(self, head: Record[Any], budget: int, max_size: int) -> tuple[list[Record[Any]], Limit | None]:
+        padded = self._padded
         batch = [head]
         head.queued = False
         n, total, largest = 1, head.cost, head.cost
@@ -358,9 +373,9 @@ class Pending:
         if self._bucket_front(lane) is None:
             self._nonempty.pop(bisect.bisect_left(self._nonempty, index))
 
-    def _take_similar(self, head: Record[Any]) -> tuple[list[Record[Any]], Limit | None]:
+    def _take_similar(self, head: Record[Any], budget: int, max_size: int) -> tuple[list[Record[Any]], Limit | None]:
         """The head, then the nearest buckets outward, each in dispatch order."""
-        budget, max_size, padded = self._budget, self._max_size, self._padded
+        padded = self._padded
         head.queued = False
         batch = [head]
         n, total, largest = 1, head.cost, head.cost

@@ -15,7 +15,8 @@ returns.  Failures map to the futures as follows:
 | on the event loop                             | stops                                   |
 | returns a non-list, or the wrong count        | ``TypeError`` / ``ValueError``          |
 
-Afterwards the ``on_batch`` hook gets a [BatchInfo][tokenbatcher.BatchInfo];
+A successful batch then teaches the duration model (``_durations.py``, with
+``latency_target_s``), and the ``on_batch`` hook gets a [BatchInfo][tokenbatcher.BatchInfo];
 what it raises is logged and ignored (but ``KeyboardInterrupt`` and
 ``SystemExit`` stop the batcher).
 
@@ -62,14 +63,24 @@ class Processing(Core[RecordT, ResultT]):
             counted = batch_cost(len(live), total, max(costs) if padded else 0, padded)
             rec_stats.batch(len(live), total, counted, batch.reason)
             rec_stats.waits.extend([started - rec.t for rec in live])
+            latency = self._latency
+            if latency is not None:
+                latency.started(batch, len(live), counted, started)
             self._in_flight += 1
+            ok = False
             try:
                 error = await self._call(live)
+                ok = error is None
             finally:
                 self._in_flight -= 1
-                elapsed = loop.time() - started
+                ended = loop.time()
+                elapsed = ended - started
                 rec_stats.busy_s += elapsed
                 rec_stats.process_times.append(elapsed)
+                if ok and self._durations is not None:  # a successful batch teaches the duration model
+                    self._durations.observe(len(live), counted, elapsed, ended)
+                if latency is not None:
+                    latency.finished(batch, learned=ok)
             self._out.discard(batch)  # every record is accounted for (or _abort failed them)
             if self._settings.on_batch is not None:
                 oldest = min(rec.t for rec in live)

@@ -31,7 +31,7 @@ MIN_PRIORITY, MAX_PRIORITY = -(2**63), 2**63 - 1
 """A priority is a signed 64-bit int, so a record's dispatch key stays a finite float."""
 
 MAX_SECONDS = 1e9
-"""The longest ``timeout_s``, ``request_timeout_s`` and ``priority_aging_s`` (about 31 years)."""
+"""The longest ``timeout_s``, ``request_timeout_s``, ``priority_aging_s`` and ``latency_target_s`` (about 31 years)."""
 
 
 def show(value: object) -> str:
@@ -110,6 +110,7 @@ class Settings:
     batch_cost: BatchCost = "sum"
     grouping: Grouping = "fifo"
     priority_aging_s: float = 1.0
+    latency_target_s: float | None = None
     cost_estimator: Callable[[Any], int] | None = None
     on_batch: Callable[[BatchInfo], object] | None = None
     budget_name: str = field(default="target_batch_cost", repr=False, compare=False)
@@ -135,6 +136,9 @@ class Settings:
                 "request_timeout_s", self.request_timeout_s, allow_zero=False, capped=True
             ),
             "priority_aging_s": check_seconds("priority_aging_s", self.priority_aging_s, allow_zero=True, capped=True),
+            "latency_target_s": check_optional_seconds(
+                "latency_target_s", self.latency_target_s, allow_zero=False, capped=True
+            ),
         }
         for name, value in seconds.items():
             object.__setattr__(self, name, value)

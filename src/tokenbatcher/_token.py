@@ -39,6 +39,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         batch_cost: As [DynamicBatcher][].
         grouping: As [DynamicBatcher][].
         priority_aging_s: As [DynamicBatcher][].
+        latency_target_s: As [DynamicBatcher][].
         on_batch: As [DynamicBatcher][].
         executor: As [DynamicBatcher][].
 
@@ -85,6 +86,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         batch_cost: BatchCost = "sum",
         grouping: Grouping = "fifo",
         priority_aging_s: float = 1.0,
+        latency_target_s: float | None = None,
         on_batch: Callable[[BatchInfo], object] | None = None,
         executor: concurrent.futures.Executor | None = None,
     ) -> None:
@@ -108,6 +110,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
             batch_cost=batch_cost,
             grouping=grouping,
             priority_aging_s=priority_aging_s,
+            latency_target_s=latency_target_s,
             on_batch=on_batch,
             executor=executor,
         )

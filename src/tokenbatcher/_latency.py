@@ -1,0 +1,376 @@
+"""Latency targets: when a batch leaves, how large it is, and which records are let in.
+
+With ``latency_target_s`` set, each record is *due* its target after its
+submit (or its own ``timeout_s`` after, if that is shorter).  The duration
+model (``_durations.py``, fed after every successful batch by
+``_processing.py``) predicts how long ``process_fn`` takes for a batch of
+``n`` records of counted cost ``c``; [LatencyTarget][] turns those
+predictions into four rules, which both dispatch strategies consult:
+
+* **How much** (``take``): a batch starting at ``start`` is the longest prefix
+  of the queue predicted to finish by the earliest due time among its records,
+  within the hard limits (``target_batch_cost``, ``max_batch_size``; the
+  target only ever tightens them).  Its first record is always taken.
+* **When** (``hold``): the strategies still take at once when a slot is free
+  (``"eager"``: work-conserving, the target is a ceiling and never a wait);
+  a window, or eager's wait for ``min_batch_size``, closes early once the
+  queue holds as many records as the target allows, or at the latest moment
+  the queued batch can start and still finish in time.
+* **Who** (``admit``): a *plan* lays the queued records out, in order, into the
+  batches that rule 1 will form, one after another on the processing slots,
+  from when each slot is predicted free (running batches, and sealed ones
+  waiting for a slot, by their predicted durations).  A new record joins the
+  plan's last batch if that batch still finishes by every due time in it, else
+  it starts a batch of its own after it; if even that ends after its due time,
+  the record is refused with [OverloadedError][tokenbatcher.OverloadedError].
+  The plan is rebuilt from the queue (O(queue)) only after a batch was taken,
+  started or finished; in between, each admission is O(1).  Records that
+  leave the queue early (cancelled, expired) stay in the plan until then: it
+  errs on the safe side.  With priorities or ``grouping="similar_cost"`` a
+  record may overtake others; the plan still places it last (also safe).
+* **Giving up early** (``take``, ``trim``): a record at the head of the queue,
+  or in a sealed batch about to start, that can no longer finish by its due
+  time fails with ``TimeoutError`` instead of being processed late -- if it
+  could have made it when it was submitted (its wait made it late).
+
+Predictions are inflated by ``1 + MARGIN * fit_error`` (the model's typical
+relative error), and each due time is moved ``GUARD`` of the target earlier,
+for the event loop's own delays: so a noisy model is given room.
+
+*Warm-up.*  Until the first batch the model knows nothing: no cap, nothing
+refused or dropped.  From the first batch predictions cap batches and drop
+late records; admission waits until the model is ``ready`` (8 batches).
+*Staying alive.*  A batcher that is idle (nothing queued or running) admits
+any record, even one predicted too slow for its deadline, and records that
+were predicted too slow from the start are run rather than dropped: so a
+model that has become too pessimistic (the GPU was shared, and is not any
+more) keeps seeing batches, and learns.
+
+Owns: the target's decisions.  Must not touch: how a batch is run, or the
+queue's order.
+"""
+
+# A policy is the engine's friend, as a strategy is: it reads the shared state of Core directly.
+# pyright: reportPrivateUsage=false
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from ._durations import DurationFit, DurationModel
+from ._errors import OverloadedError
+from ._pending import Limit, Record
+
+if TYPE_CHECKING:
+    from ._core import Batch, Core
+
+MARGIN = 1.0
+"""Predicted durations are multiplied by ``1 + MARGIN * fit_error`` (at most ``1 + MAX_MARGIN``)."""
+MAX_MARGIN = 1.0
+GUARD = 0.02
+"""Share of each record's deadline kept back for the event loop's own delays."""
+
+
+class _Tail(NamedTuple):
+    """The plan's last batch."""
+
+    start: float
+    n: int
+    total: int
+    largest: int
+    due: float
+    """The earliest due time among its records."""
+
+
+class Plan(NamedTuple):
+    """Where the queued records are predicted to run: the last planned batch, and the other slots' free times."""
+
+    tail: _Tail | None
+    free: tuple[float, ...]
+    """Sorted; ``max_concurrent_batches`` entries without a tail, one fewer with one."""
+
+
+class LatencyTarget:
+    """The latency-target policy of one batcher (see the module docstring).
+
+    Args:
+        batcher: The batcher whose queue, strategy and settings it reads.
+        model: The duration model the batcher feeds.
+        expire: Fails one record that can no longer make its deadline.
+    """
+
+    def __init__(self, batcher: Core[Any, Any], model: DurationModel, expire: Callable[[Record[Any]], None]) -> None:
+        settings = batcher._settings
+        assert settings.latency_target_s is not None
+        self._b = batcher
+        self.model = model
+        self._expire = expire
+        self.target_s = settings.latency_target_s
+        self._slots = settings.max_concurrent_batches
+        self._budget, self._max_size = settings.target_batch_cost, settings.max_batch_size
+        self._padded = settings.batch_cost == "padded"
+        self._running: dict[Batch, float] = {}
+        """Batches inside ``process_fn``, and when each is predicted to end."""
+        self._scaled = DurationFit()
+        """The model's fit with the safety margin applied."""
+        self._known = self._ready = False
+        self._plan: Plan | None = None
+        """None when it must be rebuilt."""
+        self.predicted_wait_s = 0.0
+        """Seconds from submit to result predicted for the last record submitted."""
+        self._learn()
+
+    # ------------------------------------------------------------------ predictions
+
+    def _learn(self) -> None:
+        """Adopt the model's current fit."""
+        fit = self.model.fit
+        scale = 1.0 + min(MARGIN * fit.fit_error, MAX_MARGIN)
+        self._scaled = DurationFit(
+            intercept_s=fit.intercept_s * scale,
+            per_record_s=fit.per_record_s * scale,
+            per_cost_s=fit.per_cost_s * scale,
+            per_cost_squared_s=fit.per_cost_squared_s * scale,
+        )
+        self._known, self._ready = fit.samples > 0, fit.ready
+        self._plan = None
+
+    def duration(self, n: int, counted: float) -> float:
+        """Predicted seconds for ``n`` records of counted cost ``counted``, with the safety margin."""
+        fit = self._scaled
+        return fit.intercept_s + fit.per_record_s * n + (fit.per_cost_s + fit.per_cost_squared_s * counted) * counted
+
+    def span(self, timeout_s: float | None) -> float:
+        """Seconds from submit to due: the target, or ``timeout_s`` if shorter; less the guard."""
+        span = self.target_s if timeout_s is None or timeout_s > self.target_s else timeout_s
+        return span * (1.0 - GUARD)
+
+    def _counted(self, n: int, total: int, largest: int) -> int:
+        return n * largest if self._padded else total
+
+    def _of(self, records: Sequence[Record[Any]]) -> float:
+        """Predicted seconds for a batch of these records (not empty)."""
+        costs = [rec.cost for rec in records]
+        return self.duration(len(costs), self._counted(len(costs), sum(costs), max(costs)))
+
+    def _feasible(self, rec: Record[Any]) -> bool:
+        """Could ``rec`` make its due time when it was submitted (alone, at once)?  False while nothing is known.
+
+        Only such records are given up on: one predicted too slow from the
+        start runs, so a model that has grown too pessimistic keeps learning.
+        """
+        return self._known and rec.t + self.duration(1, rec.cost) <= rec.due
+
+    def _late(self, rec: Record[Any], start: float) -> bool:
+        """Has waiting made ``rec`` miss its due time, starting alone at ``start``?"""
+        return start + self.duration(1, rec.cost) > rec.due and self._feasible(rec)
+
+    # ------------------------------------------------------------------ the slots
+
+    def _free_times(self, now: float) -> list[float]:
+        """When each slot is predicted free for a new batch, sorted: running batches, then held ones."""
+        free = [now] * (self._slots - len(self._running))
+        free += [max(now, end) for end in self._running.values()]
+        heapq.heapify(free)
+        for batch in self._b._strategy.held():
+            live = [rec for rec in batch.records if not rec.done()]
+            if live:
+                heapq.heapreplace(free, free[0] + self._of(live))
+        return sorted(free)
+
+    def started(self, batch: Batch, n: int, counted: int, now: float) -> None:
+        """A batch entered ``process_fn``."""
+        self._running[batch] = now + self.duration(n, counted)
+        self._plan = None
+
+    def finished(self, batch: Batch, *, learned: bool) -> None:
+        """A batch left ``process_fn``; ``learned``: the model has just been fed with it."""
+        self._running.pop(batch, None)
+        if learned:
+            self._learn()
+        self._plan = None
+
+    # ------------------------------------------------------------------ how much, and when
+
+    def _batch(self, recs: list[Record[Any]], i: int, start: float, capped: bool) -> tuple[int, int, bool, float]:
+        """The batch taken from ``recs[i:]`` at ``start``: ``(records, counted cost, bound by the target, due)``.
+
+        Within the hard limits, and with ``capped`` also the longest prefix
+        predicted to finish by the earliest due time among its records.
+        """
+        n = total = largest = counted = 0
+        due = math.inf
+        for rec in itertools.islice(recs, i, None):
+            n1, total1, largest1 = n + 1, total + rec.cost, max(largest, rec.cost)
+            counted1 = self._counted(n1, total1, largest1)
+            due1 = min(due, rec.due)
+            if n and counted1 > self._budget:
+                break
+            if n and capped and start + self.duration(n1, counted1) > due1:
+                return n, counted, self._known, due
+            n, total, largest, counted, due = n1, total1, largest1, counted1, due1
+            if n >= self._max_size or counted >= self._budget:
+                break
+        return n, counted, False, due
+
+    def _first(self, start: float, drop: bool) -> tuple[int, int, bool, float]:
+        """The batch rule 1 takes at ``start``: ``(records, counted cost, bound by the target, due time)``.
+
+        With ``drop``, the heads it gives up on are failed first (see ``_shed``).
+        """
+        recs = list(itertools.islice(self._b._pending.in_order(), 2 * self._max_size + 1))
+        i = 0
+        while drop and i < len(recs) and self._late(recs[i], start):
+            i += 1
+        n, counted, bound, due = self._batch(recs, i, start, capped=True)
+        if drop and bound and self._ready:
+            j = self._shed(recs, i, start)
+            if j > i:
+                i = j
+                n, counted, bound, due = self._batch(recs, i, start, capped=True)
+        for rec in recs[:i]:
+            self._expire(rec)
+        return n, counted, bound, due
+
+    def _shed(self, recs: list[Record[Any]], i: int, start: float) -> int:
+        """Where the batch should begin so that it is a full one, as BentoML sheds: past the heads that would shrink it.
+
+        The first ``j >= i`` whose uncapped batch (the queue's hard limits) is
+        predicted to finish by its due time (binary search: later heads are due
+        later, and their batches are no larger); ``i`` if there is none.
+        """
+
+        def fits(j: int) -> bool:
+            n, counted, _, due = self._batch(recs, j, start, capped=False)
+            return start + self.duration(n, counted) <= due
+
+        low, high = i, len(recs) - 1
+        if low >= high or not fits(high):
+            return i
+        while low < high:
+            middle = (low + high) // 2
+            if fits(middle):
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
+    def take(self, now: float) -> tuple[list[Record[Any]], Limit | None, bool]:
+        """Take the next batch at ``now`` under the target: ``(records, limit, bound by the target)``."""
+        start = self._free_times(now)[0]
+        n, counted, bound, _ = self._first(start, drop=True)
+        self._plan = None
+        if not n:
+            return [], None, False
+        records, limit = self._b._pending.take(max_size=n, budget=counted) if bound else self._b._pending.take()
+        return records, limit, bound
+
+    def hold(self, now: float, need: int, close_at: float) -> tuple[int, float]:
+        """Tighten a strategy's wait: wake at ``need`` queued records or at ``close_at``, whichever first.
+
+        The batch is as large as it can be when the queue reaches what the
+        target allows (records arriving at the queued ones' cost per record),
+        and must close by the latest moment the queued batch can start and
+        still finish in time.
+        """
+        start = self._free_times(now)[0]
+        n, counted, bound, due = self._first(start, drop=False)
+        if not n or not self._known:
+            return need, close_at
+        if bound:
+            return need, now  # the queue holds all the target allows: close now
+        # Look again halfway to what the target allows now (it shrinks as time passes).
+        allowed = self._scaled.largest_batch(max(0.0, due - start), counted / n, self._max_size)
+        queued = self._b._pending.size
+        need = min(need, queued + max(1, (allowed - queued) // 2))
+        return need, max(now, min(close_at, due - self.duration(n, counted)))
+
+    def trim(self, records: Sequence[Record[Any]], now: float) -> None:
+        """A sealed batch starts at ``now``: fail the records that waiting made late, earliest due first."""
+        live = sorted((rec for rec in records if not rec.done()), key=lambda rec: rec.due)
+        while live:
+            first = live[0]
+            if now + self._of(live) <= first.due or not self._feasible(first):
+                return
+            self._expire(first)
+            live.pop(0)
+
+    # ------------------------------------------------------------------ who
+
+    def _place(self, plan: Plan, cost: int, due: float, now: float, *, new: bool) -> tuple[Plan | None, float]:
+        """Add one record at the end of ``plan``: the new plan, and when the record's batch is predicted to end.
+
+        The plan is None if a ``new`` record must not be placed although it
+        might make it: the target closed the last batch, and a batch after it
+        on the same slot would start late, as small as its head's slack.  Under
+        load, later records make a larger one there; the record can come back
+        once the last batch has started.
+        """
+        tail, free = plan
+        if tail is not None:
+            start = max(tail.start, now)
+            n, total, largest = tail.n + 1, tail.total + cost, max(tail.largest, cost)
+            counted = self._counted(n, total, largest)
+            hard = n > self._max_size or counted > self._budget
+            if not hard:
+                end = start + self.duration(n, counted)
+                if end <= min(due, tail.due):
+                    return Plan(_Tail(start, n, total, largest, min(due, tail.due)), free), end
+            ended = start + self.duration(tail.n, self._counted(tail.n, tail.total, tail.largest))
+            if new and not hard and (not free or free[0] >= ended):
+                return None, ended + self.duration(1, cost)
+            free = tuple(sorted((*free, ended)))
+        start = max(free[0], now)
+        return Plan(_Tail(start, 1, cost, cost, due), free[1:]), start + self.duration(1, cost)
+
+    def _current(self, now: float) -> Plan:
+        plan = self._plan
+        if plan is None:
+            plan = Plan(None, tuple(self._free_times(now)))
+            for rec in self._b._pending.in_order():
+                placed, end = self._place(plan, rec.cost, rec.due, now, new=False)
+                if placed is not None and end <= rec.due:  # else it is dropped when it reaches the head
+                    plan = placed
+            self._plan = plan
+        return plan
+
+    def admit(self, costs: Iterable[int], span: float, now: float) -> Plan | None:
+        """The plan with these records added, or raise [OverloadedError][] if one would miss its due time.
+
+        None while admission is off (warm-up).  Pass the result to ``commit``
+        once the records are queued, with nothing in between.
+        """
+        if not self._ready:
+            return None
+        plan = self._current(now)
+        idle = not self._running and not self._b._pending.size and not self._b._strategy.held()
+        due = now + span
+        for cost in costs:
+            placed, end = self._place(plan, cost, due, now, new=True)
+            self.predicted_wait_s = end - now
+            if placed is None or (end > due and not idle):
+                raise self._refusal(plan, cost, span, end - due, now)
+            plan = placed
+        return plan
+
+    def _refusal(self, plan: Plan, cost: int, span: float, late_s: float, now: float) -> OverloadedError:
+        """The error for a record predicted to end ``late_s`` after its due time (or to wait for the last batch)."""
+        if self.duration(1, cost) > span:
+            retry = math.inf  # even alone, on an idle batcher
+        else:  # it would make it that much later, or once the plan's last batch has started
+            retry = max(late_s, plan.tail.start - now if plan.tail is not None else 0.0, 0.0)
+        return OverloadedError(
+            f"{type(self._b).__name__} is overloaded: this record is predicted to finish "
+            f"{span + late_s:.3g}s after submit, past its deadline ({span:.3g}s: latency_target_s, or its "
+            f"timeout_s if shorter); retry after {retry:.3g}s",
+            retry,
+        )
+
+    def commit(self, plan: Plan | None) -> None:
+        """Adopt a plan ``admit`` returned, now that its records are queued."""
+        if plan is not None and self._plan is not None:
+            self._plan = plan
