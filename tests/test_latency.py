@@ -214,9 +214,9 @@ async def test_during_the_warm_up_batches_are_capped_and_what_waited_too_long_is
         results = await asyncio.gather(*futures, return_exceptions=True)
         stats = batcher.stats
     served = [r for r in results if not isinstance(r, BaseException)]
-    # At most the largest batch that ends within the target less its 2% guard, 10 ms + 1 ms * 88;
+    # At most the largest batch that ends within the target less its 5% guard, 10 ms + 1 ms * 85;
     # a little less while the model, not warm yet, keeps a margin.
-    assert 80 <= len(served) <= 88
+    assert 75 <= len(served) <= 85
     assert [len(batch) for _, batch in model.batches[7:]] == [len(served)]
     assert stats.dispatch_reasons["target"] == 1
     assert all(isinstance(r, TimeoutError) for r in results[len(served) :])

@@ -10,7 +10,11 @@ predictions into four rules, which both dispatch strategies consult:
 * **How much** (``take``): a batch starting at ``start`` is the longest prefix
   of the queue predicted to finish by the earliest due time among its records,
   within the hard limits (``target_batch_cost``, ``max_batch_size``; the
-  target only ever tightens them).  Its first record is always taken.
+  target only ever tightens them).  Its first record is always taken.  With
+  ``grouping="similar_cost"`` the batch is taken by cost, within the
+  prefix's size and counted cost (any such batch is predicted no slower); a
+  padded prefix is then counted as padded as recent batches were, not as
+  padded as its mixed costs would be in one tensor.
 * **When** (``hold``): the strategies still take at once when a slot is free
   (``"eager"``: work-conserving, the target is a ceiling and never a wait);
   a window, or eager's wait for ``min_batch_size``, closes early once the
@@ -71,8 +75,10 @@ if TYPE_CHECKING:
 MARGIN = 1.0
 """Predicted durations are multiplied by ``1 + MARGIN * fit_error`` (at most ``1 + MAX_MARGIN``)."""
 MAX_MARGIN = 1.0
-GUARD = 0.02
+GUARD = 0.05
 """Share of each record's deadline kept back for the event loop's own delays."""
+PACKING_ALPHA = 0.2
+"""Weight of the last batch in the running mean of how padded ``similar_cost`` batches are."""
 
 
 class _Tail(NamedTuple):
@@ -113,6 +119,9 @@ class LatencyTarget:
         self._slots = settings.max_concurrent_batches
         self._budget, self._max_size = settings.target_batch_cost, settings.max_batch_size
         self._padded = settings.batch_cost == "padded"
+        self._similar = settings.grouping == "similar_cost"
+        self._packing = 1.0
+        """Padded and ``similar_cost``: recent batches' counted cost over their summed cost (>= 1)."""
         self._running: dict[Batch, float] = {}
         """Batches inside ``process_fn``, and when each is predicted to end."""
         self._scaled = DurationFit()
@@ -150,12 +159,17 @@ class LatencyTarget:
         return span * (1.0 - GUARD)
 
     def _counted(self, n: int, total: int, largest: int) -> int:
-        return n * largest if self._padded else total
+        """A batch's counted cost; padded, but grouped by similar cost, as padded as recent batches were."""
+        if not self._padded:
+            return total
+        if self._similar:
+            return min(n * largest, math.ceil(total * self._packing))
+        return n * largest
 
     def _of(self, records: Sequence[Record[Any]]) -> float:
-        """Predicted seconds for a batch of these records (not empty)."""
+        """Predicted seconds for a batch of exactly these records (not empty)."""
         costs = [rec.cost for rec in records]
-        return self.duration(len(costs), self._counted(len(costs), sum(costs), max(costs)))
+        return self.duration(len(costs), len(costs) * max(costs) if self._padded else sum(costs))
 
     def _feasible(self, rec: Record[Any]) -> bool:
         """Could ``rec`` make its due time when it was submitted (alone, at once)?  False while nothing is known.
@@ -182,9 +196,11 @@ class LatencyTarget:
                 heapq.heapreplace(free, free[0] + self._of(live))
         return sorted(free)
 
-    def started(self, batch: Batch, n: int, counted: int, now: float) -> None:
-        """A batch entered ``process_fn``."""
+    def started(self, batch: Batch, n: int, total: int, counted: int, now: float) -> None:
+        """A batch of ``n`` records, costing ``total`` (summed) and ``counted``, entered ``process_fn``."""
         self._running[batch] = now + self.duration(n, counted)
+        if self._similar and self._padded and total:
+            self._packing += PACKING_ALPHA * (counted / total - self._packing)
         self._plan = None
 
     def finished(self, batch: Batch, *, learned: bool) -> None:

@@ -65,7 +65,7 @@ class Processing(Core[RecordT, ResultT]):
             rec_stats.waits.extend([started - rec.t for rec in live])
             latency = self._latency
             if latency is not None:
-                latency.started(batch, len(live), counted, started)
+                latency.started(batch, len(live), total, counted, started)
             self._in_flight += 1
             ok = False
             try:
