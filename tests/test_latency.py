@@ -299,6 +299,8 @@ async def test_a_record_too_slow_even_alone_runs_only_on_an_idle_batcher() -> No
             await batcher.submit(1, estimated_cost=500)  # 510 ms alone
         assert refused.value.retry_after_s == math.inf
         await running
+        with pytest.raises(OverloadedError):  # idle, but only the first record of a call is let in regardless
+            await batcher.submit_batch([1, 2], estimated_cost=[500, 500])
         assert await batcher.call(1, estimated_cost=500) == ("done", 1)  # idle: let in (the model keeps learning)
 
 

@@ -8,7 +8,8 @@ in a module of its own, that share the state declared on [Core][]:
 - ``_pending.py``: the queue, and which records make the next batch;
 - ``_dispatch.py``: when a batch is taken and which slot runs it (window, eager);
 - ``_latency.py``: with ``latency_target_s``, what the strategies consult:
-  how large a batch may be, how long it may wait, and which records are let in;
+  how large a batch may be, how long it may wait; ``_plan.py``: which
+  records are let in;
 - ``_processing.py``: a slot calls ``process_fn`` and resolves the futures;
 - ``_lifecycle.py``: start, stop, restart and failure, as a state machine.
 

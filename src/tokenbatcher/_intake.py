@@ -30,9 +30,10 @@ from typing import Any
 from ._core import Core
 from ._errors import OverloadedError, QueueFullError
 from ._handoff import Handoff
-from ._latency import LatencyTarget, Plan
+from ._latency import LatencyTarget
 from ._lifecycle import RUNNING
 from ._pending import Record
+from ._plan import Plan
 from ._settings import MAX_COST, MAX_PRIORITY, MIN_PRIORITY, bad_cost, check_int, check_seconds
 from ._types import RecordT, ResultT
 

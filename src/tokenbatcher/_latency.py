@@ -20,22 +20,18 @@ predictions into four rules, which both dispatch strategies consult:
   a window, or eager's wait for ``min_batch_size``, closes early once the
   queue holds as many records as the target allows, or at the latest moment
   the queued batch can start and still finish in time.
-* **Who** (``admit``): a *plan* lays the queued records out, in order, into the
-  batches that rule 1 will form, one after another on the processing slots,
-  from when each slot is predicted free (running batches, and sealed ones
-  waiting for a slot, by their predicted durations).  A new record joins the
-  plan's last batch if that batch still finishes by every due time in it, else
-  it starts a batch of its own after it; if even that ends after its due time,
-  the record is refused with [OverloadedError][tokenbatcher.OverloadedError].
-  The plan is rebuilt from the queue (O(queue)) only after a batch was taken,
-  started or finished; in between, each admission is O(1).  Records that
-  leave the queue early (cancelled, expired) stay in the plan until then: it
-  errs on the safe side.  With priorities or ``grouping="similar_cost"`` a
-  record may overtake others; the plan still places it last (also safe).
+* **Who** (``admit``, in ``_plan.py``): a record is refused with
+  [OverloadedError][tokenbatcher.OverloadedError] if the batches the queue
+  will make, as rule 1 forms them, end its own after its due time.
 * **Giving up early** (``take``, ``trim``): a record at the head of the queue,
   or in a sealed batch about to start, that can no longer finish by its due
   time fails with ``TimeoutError`` instead of being processed late -- if it
-  could have made it when it was submitted (its wait made it late).
+  could have made it when it was submitted (its wait made it late).  And when
+  the target would cut the next batch short, the oldest records are shed, as
+  BentoML sheds: while the batch the queue makes within its hard limits is
+  predicted to end after the oldest one's due time.  Under overload a full
+  batch of later records serves more than a short batch of old ones, and the
+  short batch would leave the next one shorter still.
 
 Predictions are inflated by ``1 + MARGIN * fit_error`` (the model's typical
 relative error), and each due time is moved ``GUARD`` of the target earlier,
@@ -62,46 +58,25 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ._durations import DurationFit, DurationModel
-from ._errors import OverloadedError
 from ._pending import Limit, Record
+from ._plan import GUARD, Admission, Plan
 
 if TYPE_CHECKING:
     from ._core import Batch, Core
 
-MARGIN = 1.0
+MARGIN = 0.5
 """Predicted durations are multiplied by ``1 + MARGIN * fit_error`` (at most ``1 + MAX_MARGIN``)."""
 MAX_MARGIN = 1.0
-GUARD = 0.05
-"""Share of each record's deadline kept back for the event loop's own delays."""
 PACKING_ALPHA = 0.2
 """Weight of the last batch in the running mean of how padded ``similar_cost`` batches are."""
 
 
-class _Tail(NamedTuple):
-    """The plan's last batch."""
-
-    start: float
-    n: int
-    total: int
-    largest: int
-    due: float
-    """The earliest due time among its records."""
-
-
-class Plan(NamedTuple):
-    """Where the queued records are predicted to run: the last planned batch, and the other slots' free times."""
-
-    tail: _Tail | None
-    free: tuple[float, ...]
-    """Sorted; ``max_concurrent_batches`` entries without a tail, one fewer with one."""
-
-
-class LatencyTarget:
-    """The latency-target policy of one batcher (see the module docstring).
+class LatencyTarget(Admission):
+    """The latency-target policy of one batcher (see the module docstring; admission is in ``_plan.py``).
 
     Args:
         batcher: The batcher whose queue, strategy and settings it reads.
@@ -122,6 +97,8 @@ class LatencyTarget:
         self._similar = settings.grouping == "similar_cost"
         self._packing = 1.0
         """Padded and ``similar_cost``: recent batches' counted cost over their summed cost (>= 1)."""
+        self._per_record_cost = 0.0
+        """Running mean of recent batches' counted cost per record."""
         self._running: dict[Batch, float] = {}
         """Batches inside ``process_fn``, and when each is predicted to end."""
         self._scaled = DurationFit()
@@ -201,6 +178,10 @@ class LatencyTarget:
         self._running[batch] = now + self.duration(n, counted)
         if self._similar and self._padded and total:
             self._packing += PACKING_ALPHA * (counted / total - self._packing)
+        per_record = counted / n
+        self._per_record_cost += (
+            PACKING_ALPHA * (per_record - self._per_record_cost) if self._per_record_cost else per_record
+        )
         self._plan = None
 
     def finished(self, batch: Batch, *, learned: bool) -> None:
@@ -314,79 +295,3 @@ class LatencyTarget:
                 return
             self._expire(first)
             live.pop(0)
-
-    # ------------------------------------------------------------------ who
-
-    def _place(self, plan: Plan, cost: int, due: float, now: float, *, new: bool) -> tuple[Plan | None, float]:
-        """Add one record at the end of ``plan``: the new plan, and when the record's batch is predicted to end.
-
-        The plan is None if a ``new`` record must not be placed although it
-        might make it: the target closed the last batch, and a batch after it
-        on the same slot would start late, as small as its head's slack.  Under
-        load, later records make a larger one there; the record can come back
-        once the last batch has started.
-        """
-        tail, free = plan
-        if tail is not None:
-            start = max(tail.start, now)
-            n, total, largest = tail.n + 1, tail.total + cost, max(tail.largest, cost)
-            counted = self._counted(n, total, largest)
-            hard = n > self._max_size or counted > self._budget
-            if not hard:
-                end = start + self.duration(n, counted)
-                if end <= min(due, tail.due):
-                    return Plan(_Tail(start, n, total, largest, min(due, tail.due)), free), end
-            ended = start + self.duration(tail.n, self._counted(tail.n, tail.total, tail.largest))
-            if new and not hard and (not free or free[0] >= ended):
-                return None, ended + self.duration(1, cost)
-            free = tuple(sorted((*free, ended)))
-        start = max(free[0], now)
-        return Plan(_Tail(start, 1, cost, cost, due), free[1:]), start + self.duration(1, cost)
-
-    def _current(self, now: float) -> Plan:
-        plan = self._plan
-        if plan is None:
-            plan = Plan(None, tuple(self._free_times(now)))
-            for rec in self._b._pending.in_order():
-                placed, end = self._place(plan, rec.cost, rec.due, now, new=False)
-                if placed is not None and end <= rec.due:  # else it is dropped when it reaches the head
-                    plan = placed
-            self._plan = plan
-        return plan
-
-    def admit(self, costs: Iterable[int], span: float, now: float) -> Plan | None:
-        """The plan with these records added, or raise [OverloadedError][] if one would miss its due time.
-
-        None while admission is off (warm-up).  Pass the result to ``commit``
-        once the records are queued, with nothing in between.
-        """
-        if not self._ready:
-            return None
-        plan = self._current(now)
-        idle = not self._running and not self._b._pending.size and not self._b._strategy.held()
-        due = now + span
-        for cost in costs:
-            placed, end = self._place(plan, cost, due, now, new=True)
-            self.predicted_wait_s = end - now
-            if placed is None or (end > due and not idle):
-                raise self._refusal(plan, cost, span, end - due, now)
-            plan = placed
-        return plan
-
-    def _refusal(self, plan: Plan, cost: int, span: float, late_s: float, now: float) -> OverloadedError:
-        """The error for a record predicted to end ``late_s`` after its due time (or to wait for the last batch)."""
-        if self.duration(1, cost) > span:
-            retry = math.inf  # even alone, on an idle batcher
-        else:  # it would make it that much later, or once the plan's last batch has started
-            retry = max(late_s, plan.tail.start - now if plan.tail is not None else 0.0, 0.0)
-        return OverloadedError(
-            f"{type(self._b).__name__} is overloaded: this record is predicted to finish "
-            f"{span + late_s:.3g}s after submit, past its deadline ({span:.3g}s: latency_target_s, or its "
-            f"timeout_s if shorter); retry after {retry:.3g}s",
-            retry,
-        )
-
-    def commit(self, plan: Plan | None) -> None:
-        """Adopt a plan ``admit`` returned, now that its records are queued."""
-        if plan is not None and self._plan is not None:
-            self._plan = plan
