@@ -11,7 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("module", ["tests.bench", "tests.bench.model", "tests.bench.soak"])
+@pytest.mark.parametrize(
+    "module", ["tests.bench", "tests.bench.model", "tests.bench.model_overload", "tests.bench.soak"]
+)
 def test_the_bench_modules_run_from_the_repository_root(module: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60

@@ -33,6 +33,7 @@ SETTINGS = (
     "batch_cost",
     "grouping",
     "priority_aging_s",
+    "latency_target_s",
     "on_batch",
     "batch_key",
     "on_batch_error",

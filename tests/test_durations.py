@@ -94,6 +94,17 @@ def test_a_slow_first_batch_is_left_out_at_the_end_of_the_warm_up(seed: int) -> 
     assert typical_error(model.fit, known) < min(0.15, online)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_stall_right_after_the_warm_up_is_left_out(seed: int) -> None:
+    model = DurationModel()
+    feed(model, known, 8, noise=0.02, seed=seed)
+    assert model.fit.ready
+    before = typical_error(model.fit, known)
+    model.observe(10, 2000.0, 20 * known(10, 2000.0), 8.0)  # a garbage collection, a kernel compiled late
+    assert model.fit.outliers >= 1
+    assert typical_error(model.fit, known) < before + 0.02
+
+
 @pytest.mark.parametrize("seed", [0, 9])
 @pytest.mark.parametrize("factor", [2.0, 1.25, 0.5])
 def test_adapts_to_a_step_change_of_speed_within_the_documented_batches(factor: float, seed: int) -> None:

@@ -488,3 +488,52 @@ def test_similar_take_looks_behind_a_record_that_did_not_fit_in_its_bucket(padde
         assert [r.cost for r in batch] == [head, 59]
     finally:
         loop.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    costs=st.lists(st.integers(0, 40), min_size=1, max_size=80),
+    budget=st.integers(1, 200),
+    max_size=st.integers(1, 32),
+    cap_size=st.integers(1, 40),
+    cap_cost=st.integers(0, 250),
+    padded=st.booleans(),
+    similar=st.booleans(),
+    with_priorities=st.booleans(),
+    seed=st.randoms(use_true_random=False),
+)
+def test_a_capped_take_keeps_the_tighter_limits_and_the_head(
+    costs: list[int],
+    budget: int,
+    max_size: int,
+    cap_size: int,
+    cap_cost: int,
+    padded: bool,
+    similar: bool,
+    with_priorities: bool,
+    seed: Any,
+) -> None:
+    # A latency target tightens the limits of one take (``take(max_size=, budget=)``).
+    loop = asyncio.new_event_loop()
+    try:
+        priorities = [seed.randint(-2, 2) for _ in costs] if with_priorities else None
+        records = make_records(loop, costs, priorities)
+        pending = Pending(budget=budget, max_size=max_size, padded=padded, similar=similar)
+        for rec in records:
+            pending.push(rec)
+        queue = list(records)
+        size_cap, cost_cap = min(cap_size, max_size), min(cap_cost, budget)
+        while queue:
+            batch, _ = pending.take(max_size=cap_size, budget=cap_cost)
+            assert min(queue) in batch, "the head record always goes"
+            assert len(batch) <= size_cap
+            cost = batch_cost(len(batch), sum(r.cost for r in batch), max(r.cost for r in batch), padded)
+            assert cost <= cost_cap or len(batch) == 1
+            if not similar:  # FIFO: a prefix of the dispatch order
+                assert batch == sorted(queue)[: len(batch)]
+            taken = set(map(id, batch))
+            queue = [r for r in queue if id(r) not in taken]
+            assert pending.size == len(queue)
+        assert pending.take() == ([], None)
+    finally:
+        loop.close()

@@ -9,6 +9,7 @@ from ._batcher import DynamicBatcher as DynamicBatcher
 from ._decorator import batched as batched
 from ._errors import BatchAbortedError as BatchAbortedError
 from ._errors import BatcherStoppedError as BatcherStoppedError
+from ._errors import OverloadedError as OverloadedError
 from ._errors import QueueFullError as QueueFullError
 from ._errors import StreamOverflowError as StreamOverflowError
 from ._stats import BatchInfo as BatchInfo
@@ -51,6 +52,7 @@ __all__ = [
     "Grouping",
     "InferenceFn",
     "OnBatchError",
+    "OverloadedError",
     "Percentiles",
     "ProcessFn",
     "Prompt",

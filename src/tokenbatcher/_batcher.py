@@ -99,6 +99,15 @@ class DynamicBatcher(
             more than ``(its priority - the other's) * priority_aging_s``
             seconds after it.  (``"similar_cost"`` reorders by design; its own
             bound is that every batch takes the record at the head.)
+        latency_target_s: Seconds from submit to result that every accepted
+            record should meet, or None.  A model of ``process_fn``'s duration,
+            learned from the batches, then caps each batch at the largest one
+            predicted to finish in time, closes waits early, fails a queued
+            record its wait made late with ``TimeoutError``, and refuses a
+            record predicted to miss its deadline (the target, or its
+            ``timeout_s`` if shorter) at once with [OverloadedError][].  With
+            either ``dispatch``; ``"eager"`` then takes at once whenever a slot
+            is free.  See the "Latency targets" section of the tuning guide.
         on_batch: Called with a [BatchInfo][] after each batch; its
             exceptions are logged and otherwise ignored.
         batch_key: ``f(record) -> key`` (any hashable): records with
@@ -152,6 +161,7 @@ class DynamicBatcher(
         batch_cost: BatchCost = "sum",
         grouping: Grouping = "fifo",
         priority_aging_s: float = 1.0,
+        latency_target_s: float | None = None,
         on_batch: Callable[[BatchInfo], object] | None = None,
         batch_key: Callable[[RecordT], Hashable] | None = None,
         on_batch_error: OnBatchError = "fail",
@@ -174,6 +184,7 @@ class DynamicBatcher(
             batch_cost=batch_cost,
             grouping=grouping,
             priority_aging_s=priority_aging_s,
+            latency_target_s=latency_target_s,
             cost_estimator=cost_estimator,
             on_batch=on_batch,
             batch_key=batch_key,
@@ -210,12 +221,15 @@ class DynamicBatcher(
         rec_stats = self._rec
         resolved = rec_stats.resolved()
         pending = self._pending
+        latency = self._latency
         return rec_stats.snapshot(
             resolved,
             submitted=self._seq,
             queue_depth=pending.size,
             peak_queue_depth=max(pending.peak, pending.size),
             in_flight=self._in_flight,
+            durations=self._durations.fit if self._durations is not None else None,
+            predicted_wait_s=latency.predicted_wait_s if latency is not None else 0.0,
         )
 
     def __repr__(self) -> str:

@@ -50,6 +50,11 @@ class Configuring(Core[RecordT, ResultT]):
           ``batch_key``) apply to records submitted afterwards;
         - ``on_batch``, ``on_batch_error`` and ``stream_buffer`` apply to
           batches handed to ``process_fn`` afterwards; the others at once;
+        - ``latency_target_s``: a changed target applies to batches taken
+          and records submitted afterwards (the duration model is kept);
+          switched on, a fresh model starts its warm-up, and records already
+          queued are due the target after their submit; switched off, every
+          record is let in and no batch is capped from then on;
         - ``dispatch`` and ``max_concurrent_batches`` only while not running
           (before [start][tokenbatcher.DynamicBatcher.start] or after
           [stop][tokenbatcher.DynamicBatcher.stop]).
@@ -61,7 +66,8 @@ class Configuring(Core[RecordT, ResultT]):
             TypeError: An unknown setting, or a value of the wrong type.
             ValueError: A value out of range (or ``min_batch_size`` above
                 ``max_batch_size`` once both are applied), or
-                ``on_batch_error="isolate"`` for a streaming ``process_fn``.
+                ``on_batch_error="isolate"`` or ``latency_target_s`` for a
+                streaming ``process_fn``.
             RuntimeError: ``dispatch`` or ``max_concurrent_batches`` would
                 change while the batcher is running; or its event loop is
                 running in another thread.
@@ -182,6 +188,11 @@ class Configuring(Core[RecordT, ResultT]):
     def priority_aging_s(self) -> float:
         """Seconds one priority step is worth."""
         return self._settings.priority_aging_s
+
+    @property
+    def latency_target_s(self) -> float | None:
+        """Seconds from submit to result every accepted record should meet, or None (no target)."""
+        return self._settings.latency_target_s
 
     @property
     def on_batch(self) -> Callable[[BatchInfo], object] | None:

@@ -8,6 +8,9 @@ in a module of its own, that share the state declared on [Core][]:
 - ``_pending.py``: the queue, and which records make the next batch
   (``_keyed.py``: one such queue per key, once a record has a key);
 - ``_dispatch.py``: when a batch is taken and which slot runs it (window, eager);
+- ``_latency.py``: with ``latency_target_s``, what the strategies consult:
+  how large a batch may be, how long it may wait; ``_plan.py``: which
+  records are let in;
 - ``_processing.py``: a slot calls ``process_fn`` and resolves the futures;
 - ``_streaming.py`` (and ``_streams.py``): ``submit_stream``, and a streaming
   ``process_fn``'s steps handed to the records' streams;
@@ -30,6 +33,7 @@ from collections.abc import Callable, Coroutine, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, Generic
 
 from ._deadlines import Deadlines
+from ._durations import DurationModel
 from ._keyed import KeyedPending, check_key
 from ._pending import Pending, Record
 from ._settings import Settings
@@ -38,6 +42,7 @@ from ._types import ProcessFn, RecordT, ResultT
 
 if TYPE_CHECKING:
     from ._dispatch import Strategy
+    from ._latency import LatencyTarget
     from ._lifecycle import State
 
 logger = logging.getLogger("tokenbatcher")
@@ -90,6 +95,10 @@ class Core(Generic[RecordT, ResultT]):
     _deadlines: Deadlines
     _rec: Recorder
     _strategy: Strategy
+    _durations: DurationModel | None
+    """The model of ``process_fn``'s duration; fed after each successful batch when not None."""
+    _latency: LatencyTarget | None
+    """The latency-target policy, with ``latency_target_s``."""
     _state: State
     _loop: asyncio.AbstractEventLoop | None
     _tasks: list[asyncio.Task[None]]
@@ -128,6 +137,8 @@ class Core(Generic[RecordT, ResultT]):
 
         def _stream_call(self, live: list[Record[Any]]) -> Coroutine[Any, Any, list[None]]: ...
 
+        def _miss(self, rec: Record[Any]) -> None: ...
+
     def _init_core(self, settings: Settings, process_fn: ProcessFn[RecordT, ResultT]) -> None:
         self._check_combination(settings)
         self._process_fn = process_fn
@@ -143,6 +154,7 @@ class Core(Generic[RecordT, ResultT]):
         self._wake_need = sys.maxsize
         self._room_waiters = deque()
         self._keyed = False
+        self._durations = self._latency = None
         budget, max_size, padded, similar = queue_limits(settings)
         self._pending = Pending(budget=budget, max_size=max_size, padded=padded, similar=similar)
         self._settings = settings
@@ -155,6 +167,11 @@ class Core(Generic[RecordT, ResultT]):
             raise ValueError(
                 "on_batch_error='isolate' re-runs the records of a failed batch, which a streaming process_fn "
                 "cannot do (their entries have gone out to their streams): use on_batch_error='fail'"
+            )
+        if self._streaming and settings.latency_target_s is not None:
+            raise ValueError(
+                "latency_target_s is not supported with a streaming process_fn (a stream's entries come over "
+                "its whole run, so there is no one result to be due): leave latency_target_s=None"
             )
 
     def _new_strategy(self) -> Strategy:
@@ -183,6 +200,29 @@ class Core(Generic[RecordT, ResultT]):
             self._become_keyed()
         if settings.dispatch != old.dispatch:
             self._strategy = self._new_strategy()
+        self._apply_target(settings)
+
+    def _apply_target(self, settings: Settings) -> None:
+        """Adopt ``latency_target_s`` and the limits its policy reads.
+
+        Switched on, it starts a fresh duration model (warm-up again), and the
+        records already waiting are due the target after their submit; a
+        changed target or limit applies to batches taken, and records
+        submitted, afterwards (the model is kept).
+        """
+        from ._latency import LatencyTarget  # it reads Core's state
+
+        if settings.latency_target_s is None:
+            self._durations = self._latency = None
+        elif self._latency is not None:
+            self._latency.reconfigure(settings)
+        else:
+            self._durations = DurationModel()
+            latency = self._latency = LatencyTarget(self, self._durations, self._miss)
+            span = latency.span(None)
+            waiting = [rec for batch in self._strategy.held() for rec in batch.records]
+            for rec in (*self._pending.in_order(), *waiting):
+                rec.due = rec.t + span
 
     def _group(self, record: Any, key: Hashable | None) -> Hashable:
         """A record's key: ``key`` if given, else ``batch_key(record)``; the queue becomes keyed."""
@@ -209,7 +249,15 @@ class Core(Generic[RecordT, ResultT]):
 
     def _take(self, reason: DispatchReason) -> Batch | None:
         """Take the next batch out of the queue into ``_out`` (None if nothing is queued)."""
-        records, limit = self._pending.take()
+        latency = self._latency
+        if latency is None:
+            records, limit = self._pending.take()
+        else:
+            loop = self._loop
+            assert loop is not None
+            records, limit, bound = latency.take(loop.time())
+            if bound:  # the target closed it, not the queue's own limits
+                limit, reason = None, "target"
         if self._room_waiters:
             self._wake_room(len(records))
         if not records:

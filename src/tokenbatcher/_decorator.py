@@ -80,6 +80,7 @@ class BatcherSettings(TypedDict, total=False):
     batch_cost: BatchCost
     grouping: Grouping
     priority_aging_s: float
+    latency_target_s: float | None
     on_batch: Callable[[BatchInfo], object] | None
     batch_key: Callable[[Any], Hashable] | None
     on_batch_error: OnBatchError

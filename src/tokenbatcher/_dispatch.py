@@ -4,9 +4,18 @@ A dispatch strategy answers one question, over and over: the queue changed or
 a slot became free -- what is taken now?  Each is a small class behind the
 same interface (``Strategy``): ``loops()`` gives the coroutines a run needs,
 ``release()`` wakes whatever its loops wait on so they look at the state
-again, and ``abort()`` lets go of batches it holds (their futures are failed
-by the lifecycle, which reaches them through ``_out``).  A new strategy is a
-new class here, not new branches in the engine.
+again, ``abort()`` lets go of batches it holds (their futures are failed
+by the lifecycle, which reaches them through ``_out``), and ``held()`` shows
+them.  A new strategy is a new class here, not new branches in the engine.
+
+With ``latency_target_s``, both consult the batcher's latency policy
+(``_latency.py``) rather than being a third strategy: the target changes
+*how much* a batch takes (``_take`` caps it) and *how long* a wait may last
+(``hold`` closes a window, or eager's wait for ``min_batch_size``, early),
+whatever the timing the user chose; a window's sealed batch is trimmed of
+records its wait made late (``trim``) when its slot takes it.  A target is a
+ceiling, never a wait: with one, a window also closes as soon as a slot is
+free and no sealed batch waits for it (as eager would take at once).
 
 * [Window][]: flyte's timing.  One aggregation loop fills a batch for up to
   ``batch_timeout_s`` after its first record (or until it is full) and seals
@@ -32,7 +41,7 @@ import abc
 import asyncio
 import sys
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from ._core import Batch, Core, wake_all
@@ -58,6 +67,10 @@ class Strategy(abc.ABC):
     def abort(self) -> None:
         """Let go of every batch held (their futures are failed through ``_out``)."""
 
+    def held(self) -> Sequence[Batch]:
+        """Batches taken from the queue and waiting for a slot, in the order they will start."""
+        return ()
+
 
 class Window(Strategy):
     """``dispatch="window"``: fill for up to ``batch_timeout_s``, seal into the prefetch queue."""
@@ -67,6 +80,7 @@ class Window(Strategy):
         self._sealed: deque[Batch] = deque()  # the prefetch queue
         self._sealing_done = False
         self._sealed_waiters: list[asyncio.Future[None]] = []
+        self._idle_slots = 0  # slots waiting for a sealed batch
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         self._sealing_done = False
@@ -78,6 +92,9 @@ class Window(Strategy):
 
     def abort(self) -> None:
         self._sealed.clear()
+
+    def held(self) -> Sequence[Batch]:
+        return self._sealed
 
     async def _wait_sealed(self) -> None:
         loop = self._b._loop
@@ -106,16 +123,22 @@ class Window(Strategy):
                         return
                     await b._wait_arrivals(1, None)
                 reason: DispatchReason = "timeout"
-                deadline = loop.time() + b._settings.batch_timeout_s
+                window_end = loop.time() + b._settings.batch_timeout_s
                 if b._keyed:  # a key's records may have waited through other keys' windows: not again
-                    deadline = min(deadline, b._pending.oldest_time() + b._settings.batch_timeout_s)
+                    window_end = min(window_end, b._pending.oldest_time() + b._settings.batch_timeout_s)
                 while not b._pending.full:
                     if b._state is not RUNNING:
                         reason = "shutdown"
                         break
+                    need, deadline = sys.maxsize, window_end
+                    if b._latency is not None:
+                        if self._idle_slots and not self._sealed:
+                            reason = "free_slot"  # a target is a ceiling: a free slot does not wait
+                            break
+                        need, deadline = b._latency.hold(loop.time(), need, deadline)
                     if loop.time() >= deadline:
                         break
-                    await b._wait_arrivals(sys.maxsize, deadline)
+                    await b._wait_arrivals(need, deadline)
                 batch = b._take(reason)
                 if batch is None:
                     continue
@@ -139,9 +162,17 @@ class Window(Strategy):
                 if self._sealing_done:
                     b._rec.idle_s += loop.time() - waited_from
                     return
-                await self._wait_sealed()
+                self._idle_slots += 1
+                if b._latency is not None:
+                    b._wake_arrivals()  # the aggregator closes its window for a free slot
+                try:
+                    await self._wait_sealed()
+                finally:
+                    self._idle_slots -= 1
             batch = self._sealed.popleft()
             self._sealed_changed()
+            if b._latency is not None:
+                b._latency.trim(batch.records, loop.time())
             b._rec.idle_s += loop.time() - waited_from
             await b._run(batch)
 
@@ -178,9 +209,11 @@ class Eager(Strategy):
                 if b._state is not RUNNING:
                     reason = "shutdown"
                 elif len(pending) < b._settings.min_batch_size and not pending.full:
-                    deadline = pending.oldest_time() + b._settings.batch_timeout_s
-                    if loop.time() < deadline:
-                        await b._wait_arrivals(b._settings.min_batch_size, deadline)
+                    need, deadline = b._settings.min_batch_size, pending.oldest_time() + b._settings.batch_timeout_s
+                    if b._latency is not None:
+                        need, deadline = b._latency.hold(loop.time(), need, deadline)
+                    if loop.time() < deadline and len(pending) < need:
+                        await b._wait_arrivals(need, deadline)
                         continue
                     reason = "timeout"
                 batch = b._take(reason)

@@ -20,7 +20,9 @@ sizes), a small ridge falls back to ``duration proportional to cost``.
 Warm-up: before any batch, ``predict`` gives 0.0 (unknown: callers keep their
 ceilings), then the proportional model through the first batch.  At ``warmup``
 batches (8) they are refitted together, leaving out up to a quarter as outliers
-(a first call that compiles kernels), and the fit is ``ready``.
+(a first call that compiles kernels), and the fit is ``ready``; each kept
+batch's error under the fit of the others seeds the error scale, so outliers
+and changes of speed are judged from the first batch after it.
 """
 
 from __future__ import annotations
@@ -216,8 +218,15 @@ class DurationModel:
                 break
             kept.pop(best[1])
             dropped += 1
+        # Each kept batch's error under the fit of the others: honest residuals, so that the first
+        # batches after the warm-up are judged (outlier, change of speed) at the scale of its noise.
+        unseen: list[float] = []
+        for i, (_, (z, y)) in enumerate(kept):
+            self._refit_from(kept[:i] + kept[i + 1 :])
+            unseen.append(abs(y / _guess(self._fit, z) - 1))
         self._refit_from(kept)
-        self._residuals.clear()  # judged again on batches the fit has not seen
+        self._residuals.clear()
+        self._residuals.extend(unseen)
         self._recent.clear()
         self._refit(fit.samples, fit.shifts, dropped, fit.updated_at or 0.0)
 

@@ -6,8 +6,36 @@ from __future__ import annotations
 class QueueFullError(Exception):
     """The queue was full, so nothing was accepted.
 
-    Raised by [DynamicBatcher.submit_nowait][tokenbatcher.DynamicBatcher.submit_nowait].
+    Raised by [DynamicBatcher.submit_nowait][tokenbatcher.DynamicBatcher.submit_nowait], and as its
+    subclass [OverloadedError][] by every way in when a latency target refuses a record.
     """
+
+
+class OverloadedError(QueueFullError):
+    """A batcher with ``latency_target_s`` predicts this record would miss its deadline, so it refused it at once.
+
+    Raised by ``submit``, ``submit_nowait`` and ``submit_batch`` (for the
+    whole call: nothing was queued) instead of waiting for room: the work
+    queued ahead of the record plus its own batch is predicted to end after
+    its deadline (``latency_target_s``, or its ``timeout_s`` if shorter).  A
+    subclass of [QueueFullError][], so handlers of a full queue keep working.
+
+    Attributes:
+        retry_after_s: Seconds after which the same record would be predicted
+            to make it, if nothing else arrived meanwhile: how much it misses
+            by now.  A good ``Retry-After`` for HTTP 429 (round it up).
+            ``math.inf`` when even alone, on an idle batcher, it is predicted
+            too slow for its deadline: retrying cannot help.
+    """
+
+    retry_after_s: float
+
+    def __init__(self, message: str = "", retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[type[OverloadedError], tuple[str, float]]:
+        return type(self), (str(self), self.retry_after_s)
 
 
 class BatcherStoppedError(RuntimeError):

@@ -8,6 +8,11 @@ is queued (``_enqueue``): pushed into the queue, given its deadline, and the
 loops waiting for arrivals are woken when enough has arrived.  Nothing is
 queued or counted before every check has passed.
 
+With ``latency_target_s``, admission comes last (``_admit``): a record the
+latency policy (``_latency.py``) predicts would miss its deadline is refused
+with ``OverloadedError`` at once -- also when the queue is full, before
+waiting for room -- and ``submit_batch`` admits all its records or none.
+
 A queued record is its own future (``Record``).  When its caller cancels it,
 or its deadline passes, it leaves the queue's count at once and a producer
 waiting for room is let in (``_cancelled``, ``_expire``).
@@ -24,11 +29,13 @@ from collections.abc import Callable, Coroutine, Hashable, Sequence
 from typing import Any, cast
 
 from ._core import Core
-from ._errors import QueueFullError
+from ._errors import OverloadedError, QueueFullError
 from ._handoff import Handoff
 from ._keyed import KeyedRecord, check_key, keyed_kind
+from ._latency import LatencyTarget
 from ._lifecycle import RUNNING
 from ._pending import Record
+from ._plan import Plan
 from ._settings import MAX_COST, MAX_PRIORITY, MIN_PRIORITY, bad_cost, check_int, check_seconds
 from ._streams import use_submit_stream
 from ._types import RecordT, ResultT
@@ -97,6 +104,8 @@ class Intake(Core[RecordT, ResultT]):
         rec.seq = self._seq
         rec.hook = self._cancel_hook
         rec.waiting = True
+        if self._latency is not None:
+            rec.due = now + self._latency.span(timeout_s)
         pending = self._pending
         pending.push(rec)
         if timeout_s is not None:
@@ -104,6 +113,36 @@ class Intake(Core[RecordT, ResultT]):
         if self._arrival_waiters and (pending.size >= self._wake_need or pending.full):
             self._wake_arrivals()
         return rec
+
+    def _admit(
+        self, latency: LatencyTarget, costs: Sequence[int], timeout_s: float | None, groups: Sequence[Hashable]
+    ) -> Plan | None:
+        """Ask the latency policy to let these records (of keys ``groups``) in; a refusal counts them as rejected."""
+        loop = self._loop
+        assert loop is not None
+        try:
+            return latency.admit(costs, groups, latency.span(timeout_s), loop.time())
+        except OverloadedError:
+            self._rec.rejected += len(costs)
+            raise
+
+    def _admit_all(
+        self,
+        latency: LatencyTarget,
+        items: Sequence[RecordT],
+        costs: Sequence[int],
+        timeout_s: float | None,
+        priority: int,
+        groups: Sequence[Hashable],
+    ) -> list[asyncio.Future[ResultT]]:
+        """Admit and queue records, all or none (there is room for them)."""
+        plan = self._admit(latency, costs, timeout_s, groups)
+        futures: list[asyncio.Future[ResultT]] = [
+            self._enqueue(item, cost, timeout_s, priority, group=group)
+            for item, cost, group in zip(items, costs, groups, strict=True)
+        ]
+        latency.commit(plan)
+        return futures
 
     async def submit(
         self,
@@ -135,8 +174,14 @@ class Intake(Core[RecordT, ResultT]):
 
         Returns:
             A future resolving to this record's entry of ``process_fn``'s result.
+            With ``latency_target_s``, it fails with ``TimeoutError`` if,
+            while it waits for its batch, the record can no longer finish by
+            its deadline.
 
         Raises:
+            OverloadedError: With ``latency_target_s``: the record is predicted
+                to miss its deadline (the target, or ``timeout_s`` if
+                shorter), so it was refused at once; see its ``retry_after_s``.
             RuntimeError: The batcher is not running (or is stopping, or runs on
                 another event loop).
             TypeError: A cost, ``timeout_s`` or ``priority`` of the wrong type,
@@ -154,9 +199,14 @@ class Intake(Core[RecordT, ResultT]):
             deadline = self._request_timeout_s  # the common case, without a call
         else:
             deadline = self._check_request(timeout_s, priority)
+        latency = self._latency
         if self._pending.size >= self._max_queue_size:
+            if latency is not None:
+                self._admit(latency, (cost,), deadline, (key,))  # refused at once, rather than after waiting for room
             await self._wait_for_room()
-        return self._enqueue(record, cost, deadline, priority, group=key)
+        if latency is None:
+            return self._enqueue(record, cost, deadline, priority, group=key)
+        return self._admit_all(latency, (record,), (cost,), deadline, priority, (key,))[0]
 
     async def call(
         self,
@@ -206,6 +256,7 @@ class Intake(Core[RecordT, ResultT]):
         Raises:
             QueueFullError: The queue holds ``max_queue_size`` records; the
                 record was not accepted (and is counted in ``total_rejected``).
+            OverloadedError: As [submit][] (a ``QueueFullError`` too).
             RuntimeError: As [submit][].
         """
         if self._streaming:
@@ -216,11 +267,16 @@ class Intake(Core[RecordT, ResultT]):
         deadline = self._check_request(timeout_s, priority)
         if key is not None or self._batch_key is not None:
             key = self._group(record, key)
+        latency = self._latency
         if self._pending.size >= self._max_queue_size:
+            if latency is not None:
+                self._admit(latency, (cost,), deadline, (key,))  # an overloaded batcher says so, with retry_after_s
             self._rec.rejected += 1
             raise QueueFullError(
                 f"{type(self).__name__} queue is full ({self._max_queue_size} records, max_queue_size); record rejected"
             )
+        if latency is not None:
+            return self._admit_all(latency, (record,), (cost,), deadline, priority, (key,))[0]
         return self._enqueue(record, cost, deadline, priority, group=key)
 
     async def submit_batch(
@@ -254,6 +310,8 @@ class Intake(Core[RecordT, ResultT]):
             ValueError: ``estimated_cost`` has another length than ``records``,
                 or there are more records than ``max_queue_size`` (they could
                 never be queued at once); nothing was queued.
+            OverloadedError: As [submit][], if any of the records would miss
+                its deadline; none was queued.
             RuntimeError: As [submit][].
         """
         if self._streaming:
@@ -276,8 +334,13 @@ class Intake(Core[RecordT, ResultT]):
         groups: Sequence[Hashable] = [None] * n
         if key is not None or self._batch_key is not None:
             groups = [self._group(record, key) for record in records]
+        latency = self._latency
         if self._pending.size + n > self._max_queue_size:
+            if latency is not None:
+                self._admit(latency, costs, deadline, groups)  # refused at once, rather than after waiting for room
             await self._wait_for_room(n)
+        if latency is not None:
+            return self._admit_all(latency, records, costs, deadline, priority, groups)
         return [
             self._enqueue(record, cost, deadline, priority, group=group)
             for record, cost, group in zip(records, costs, groups, strict=True)
@@ -335,7 +398,21 @@ class Intake(Core[RecordT, ResultT]):
 
     def _expire(self, rec: Record[Any], timeout_s: float) -> None:
         """A waiting record's deadline came: it fails with ``TimeoutError`` and frees its place."""
-        rec.set_exception(TimeoutError(f"record waited {timeout_s}s in the queue (timeout_s) and was not processed"))
+        self._drop(rec, TimeoutError(f"record waited {timeout_s}s in the queue (timeout_s) and was not processed"))
+
+    def _miss(self, rec: Record[Any]) -> None:
+        """The latency policy gave up on a record its wait made late: ``TimeoutError``, as an expiry."""
+        self._drop(
+            rec,
+            TimeoutError(
+                "record could no longer finish by its deadline (latency_target_s, or its timeout_s if shorter) "
+                "after waiting, and was not processed"
+            ),
+        )
+
+    def _drop(self, rec: Record[Any], error: TimeoutError) -> None:
+        """Fail a waiting record with ``error`` (counted as expired) and free its place."""
+        rec.set_exception(error)
         self._rec.expired += 1
         if rec.queued:  # else it is in a sealed batch, which drops it at dispatch
             self._pending.forget(rec)

@@ -19,12 +19,18 @@ Cost: a record whose key has records queued costs what it costs in its own
 overtakes it by priority) also pushes an entry on a heap of heads, O(log K)
 for K live keys.  Taking a batch is one heap step plus the key's own take.
 Nothing scans the keys: an empty key's ``Pending`` is dropped at once.
+
+A latency target (``_latency.py``) caps a take (``take(max_size=, budget=)``:
+the chosen key's batch), sizes it from that key's records
+(``in_order(next_only=True)``), and plans admission over every key, key by key
+in the order of their heads (``in_order()``, O(K log K + queue)).
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Hashable
+import itertools
+from collections.abc import Hashable, Iterator
 from operator import attrgetter
 from typing import Any
 
@@ -172,15 +178,33 @@ class KeyedPending:
 
     # ------------------------------------------------------------------ taking
 
-    def take(self) -> tuple[list[Record[Any]], Limit | None]:
-        """Remove and return the next batch, all of one key, and what closed it (as ``Pending.take``)."""
+    def in_order(self, *, next_only: bool = False) -> Iterator[Record[Any]]:
+        """The live queued records, key by key in the order of their heads, each key's in dispatch order.
+
+        With ``next_only``, only the next key's: the records the next batch
+        is taken from.  The queue must not change while the iterator is in use.
+        """
+        top = self._top()
+        if top is None:
+            return iter(())
+        if next_only:
+            return self._groups[group_of(top)].in_order()
+        heads = [(head.key, head.seq, queue) for queue in self._groups.values() if (head := queue.head()) is not None]
+        heads.sort(key=lambda entry: entry[:2])
+        return itertools.chain.from_iterable(queue.in_order() for _, _, queue in heads)
+
+    def take(self, max_size: int | None = None, budget: int | None = None) -> tuple[list[Record[Any]], Limit | None]:
+        """Remove and return the next batch, all of one key, and what closed it (as ``Pending.take``).
+
+        ``max_size`` and ``budget`` tighten the limits of this batch only, as in ``Pending.take``.
+        """
         self.peak = max(self.peak, self.size)
         top = self._top()
         if top is None:
             return [], None
         group = group_of(top)
         queue = self._groups[group]
-        batch, limit = queue.take()
+        batch, limit = queue.take(max_size, budget)
         self.size -= len(batch)
         if not queue.size:
             self._drop(group, queue)

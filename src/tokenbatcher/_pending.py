@@ -73,7 +73,7 @@ class Record(asyncio.Future[ResultT]):
     once (see ``cancel``) without a done-callback on every future.
     """
 
-    __slots__ = ("bucket", "cost", "hook", "item", "key", "queued", "seq", "t", "waiting")
+    __slots__ = ("bucket", "cost", "due", "hook", "item", "key", "queued", "seq", "t", "waiting")
     item: Any
     cost: int
     t: float
@@ -86,6 +86,8 @@ class Record(asyncio.Future[ResultT]):
     """True while the record waits in the queue (not in a batch, not forgotten)."""
     waiting: bool
     """True from submit until the record's batch is handed to ``process_fn``: its deadline applies."""
+    due: float
+    """With ``latency_target_s``: loop time by which its result is due (unset otherwise)."""
     bucket: int
     hook: Callable[[Record[Any]], object]
     """Called once when the caller cancels this future."""
@@ -593,6 +595,23 @@ class Pending:
                 heapq.heapreplace(tops, entry)
         return None
 
+    def in_order(self, *, next_only: bool = False) -> Iterator[Record[Any]]:
+        """The live queued records in dispatch order, lazily (lanes and buckets are merged as it goes).
+
+        ``next_only`` is for the interface of the keyed queue (every record
+        here may join the next batch).  The queue must not change while the
+        iterator is in use.
+        """
+        del next_only
+        if self._similar:
+            lanes = [lane for bucket in self._buckets.values() for _, _, lane in bucket.fronts]
+        elif self._lanes is not None:
+            lanes = [lane for _, _, lane in self._lanes.fronts]
+        else:
+            return (rec for rec in self._fifo if rec.queued)
+        merged = lanes[0] if len(lanes) == 1 else heapq.merge(*lanes, key=_dispatch_order)
+        return (rec for rec in merged if rec.queued)
+
     def oldest_time(self) -> float:
         """Submit time of the live record at the head (the queue must not be empty)."""
         head = self._head()
@@ -601,19 +620,32 @@ class Pending:
 
     # ------------------------------------------------------------------ taking
 
-    def take(self) -> tuple[list[Record[Any]], Limit | None]:
+    def take(self, max_size: int | None = None, budget: int | None = None) -> tuple[list[Record[Any]], Limit | None]:
         """Remove and return ``(batch, limit)``: the next batch, and what closed it.
 
-        ``limit`` is ``"budget"`` or ``"max_size"`` when that closed the batch,
-        else None.  Every record of ``batch`` is live and no longer queued.
+        ``max_size`` and ``budget``, when given, tighten the queue's own
+        limits for this batch only (a latency target's cap); the head record
+        goes whatever they are.  ``limit`` is ``"budget"`` or ``"max_size"``
+        when that closed the batch, else None.  Every record of ``batch`` is
+        live and no longer queued.
         """
         self.peak = max(self.peak, self.size)
         if not self.size:
             return [], None
+        size_cap, cost_cap = self._max_size, self._budget
+        if max_size is not None or budget is not None:
+            if max_size is not None:
+                size_cap = max(1, min(max_size, size_cap))
+            if budget is not None:
+                cost_cap = max(0, min(budget, cost_cap))
+        capped = size_cap != self._max_size or cost_cap != self._budget
         if self._prefix:
-            if self._fill_stale:
-                self._refill()
-            batch, limit = self._take_prefix()
+            if capped:
+                batch, limit = self._take_prefix_capped(cost_cap, size_cap)
+            else:
+                if self._fill_stale:
+                    self._refill()
+                batch, limit = self._take_prefix()
             self.size -= len(batch)
             self._total -= sum(rec.cost for rec in batch)
         else:
@@ -622,7 +654,7 @@ class Pending:
                 assert head is not None
                 self._buckets[head.bucket].pop_head()
                 head.queued = False
-                batch, limit, total = self._take_similar(head)
+                batch, limit, total = self._take_similar(head, cost_cap, size_cap)
                 if self._stale > self.size - len(batch) + _SLACK:
                     self._stale = 0
                     self._compact_buckets()
@@ -633,7 +665,7 @@ class Pending:
                 assert head is not None
                 lanes.pop_head()
                 head.queued = False
-                batch, limit, total = self._take_lanes(lanes, head)
+                batch, limit, total = self._take_lanes(lanes, head, cost_cap, size_cap)
             self.size -= len(batch)
             self._total -= total
         if not self.size:
@@ -659,20 +691,49 @@ class Pending:
             limit = "max_size" if self._fill_n >= self._max_size else "budget"
         return batch, limit
 
-    def _take_lanes(self, lanes: _Lanes, head: Record[Any]) -> tuple[list[Record[Any]], Limit | None, int]:
+    def _take_prefix_capped(self, budget: int, max_size: int) -> tuple[list[Record[Any]], Limit | None]:
+        """FIFO without priorities, under tighter limits than the measured prefix: walk the front."""
+        fifo, padded = self._fifo, self._padded
+        batch: list[Record[Any]] = []
+        n = total = largest = 0
+        while fifo:
+            rec = fifo[0]
+            if not rec.queued:
+                fifo.popleft()  # a forgotten record's entry
+                continue
+            if n >= max_size:
+                return batch, "max_size"
+            cost = rec.cost
+            new_largest = cost if cost > largest else largest
+            counted = (n + 1) * new_largest if padded else total + cost
+            if n and counted > budget:
+                return batch, "budget"
+            fifo.popleft()
+            rec.queued = False
+            batch.append(rec)
+            n, total, largest = n + 1, total + cost, new_largest
+            if counted >= budget:
+                return batch, "budget"
+        return batch, "max_size" if n >= max_size else None
+
+    def _take_lanes(
+        self, lanes: _Lanes, head: Record[Any], budget: int, max_size: int
+    ) -> tuple[list[Record[Any]], Limit | None, int]:
         """FIFO with priorities: the head, then records in dispatch order while the next fits."""
         batch = [head]
         cost = head.cost
         n, total, stop = 1, cost, _BUDGET_MET
-        if cost < self._budget:  # batch_cost(1, ...): one record's cost, padded or not
-            n, total, _, stop = _fill(lanes, batch, 1, cost, cost, self._budget, self._max_size, self._padded)
-        if n >= self._max_size:
+        if cost < budget:  # batch_cost(1, ...): one record's cost, padded or not
+            n, total, _, stop = _fill(lanes, batch, 1, cost, cost, budget, max_size, self._padded)
+        if n >= max_size:
             return batch, "max_size", total
         return batch, None if stop == _NOTHING_REFUSED else "budget", total
 
-    def _take_similar(self, head: Record[Any]) -> tuple[list[Record[Any]], Limit | None, int]:
+    def _take_similar(
+        self, head: Record[Any], budget: int, max_size: int
+    ) -> tuple[list[Record[Any]], Limit | None, int]:
         """The head, then the nearest buckets outward, each in dispatch order."""
-        budget, max_size, padded = self._budget, self._max_size, self._padded
+        padded = self._padded
         batch = [head]
         n, total, largest = 1, head.cost, head.cost
         full = total >= budget  # batch_cost(1, ...): one record's cost, padded or not
@@ -703,7 +764,7 @@ class Pending:
             n, total, largest, stop = _fill(bucket, batch, n, total, largest, budget, max_size, padded)
             if stop >= 0 and n < max_size:
                 # A record did not fit: later ones of its bucket may, a little smaller.
-                n, total, largest, full = self._fill_inside(index, batch, n, total, largest)
+                n, total, largest, full = self._fill_inside(index, batch, n, total, largest, budget, max_size)
                 # Padded, a record no larger than the largest adds ``largest``:
                 # if it does not fit, nothing does.
                 full = full or (padded and stop <= largest)
@@ -730,7 +791,7 @@ class Pending:
         return batch, "budget" if full or self.size > n else None, total
 
     def _fill_inside(
-        self, index: int, batch: list[Record[Any]], n: int, total: int, largest: int
+        self, index: int, batch: list[Record[Any]], n: int, total: int, largest: int, budget: int, max_size: int
     ) -> tuple[int, int, int, bool]:
         """After a record of bucket ``index`` did not fit: add records behind it that do, in dispatch order.
 
@@ -738,9 +799,10 @@ class Pending:
         the first did not.  Looks at up to ``2 * max_size + _INSIDE`` entries
         of the bucket, while the room left reaches into the bucket.  The
         records taken stay in their lanes as stale entries.  Returns ``n``,
-        ``total`` and ``largest`` updated, and whether the budget is met.
+        ``total`` and ``largest`` updated, and whether the budget is met
+        (``budget`` and ``max_size``: this batch's limits).
         """
-        budget, max_size, padded = self._budget, self._max_size, self._padded
+        padded = self._padded
         room = budget // (n + 1) if padded else budget - total  # padded: for it and ``largest``
         if (padded and largest > room) or room < 0 or _bucket(room) < index:
             return n, total, largest, False  # every cost in the bucket is above the room left

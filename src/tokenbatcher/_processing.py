@@ -22,7 +22,8 @@ With ``on_batch_error="isolate"``, an ``Exception`` raised on a batch of more
 than one record is not delivered at once: the batch is re-run in halves until
 each failure is one record's own (``_isolate.py``).
 
-Afterwards the ``on_batch`` hook gets a [BatchInfo][tokenbatcher.BatchInfo];
+A batch whose first call succeeded then teaches the duration model
+(``_durations.py``, with ``latency_target_s``), and the ``on_batch`` hook gets a [BatchInfo][tokenbatcher.BatchInfo];
 what it raises is logged and ignored (but ``KeyboardInterrupt`` and
 ``SystemExit`` stop the batcher).
 
@@ -74,7 +75,11 @@ class Processing(Core[RecordT, ResultT]):
             rec_stats.waits.extend([started - rec.t for rec in live])
             isolating = settings.on_batch_error == "isolate" and len(live) > 1
             retries = (0, 0)
+            latency = self._latency
+            if latency is not None:
+                latency.started(batch, len(live), total, counted, started)
             self._in_flight += 1
+            ok = False
             try:
                 outcome = await self._call(live, keep=isolating)
                 if isinstance(outcome, Raised):
@@ -82,11 +87,17 @@ class Processing(Core[RecordT, ResultT]):
                     retries = await self._isolate(live, outcome.error)
                 else:
                     error = outcome
+                    ok = error is None
             finally:
                 self._in_flight -= 1
-                elapsed = loop.time() - started
+                ended = loop.time()
+                elapsed = ended - started
                 rec_stats.busy_s += elapsed
                 rec_stats.process_times.append(elapsed)
+                if ok and self._durations is not None:  # a successful batch teaches the duration model
+                    self._durations.observe(len(live), counted, elapsed, ended)
+                if latency is not None:
+                    latency.finished(batch, learned=ok)
             self._out.discard(batch)  # every record is accounted for (or _abort failed them)
             if settings.on_batch is not None:
                 oldest = min(rec.t for rec in live)

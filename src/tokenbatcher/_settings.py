@@ -34,7 +34,7 @@ MIN_PRIORITY, MAX_PRIORITY = -(2**63), 2**63 - 1
 """A priority is a signed 64-bit int, so a record's dispatch key stays a finite float."""
 
 MAX_SECONDS = 1e9
-"""The longest ``timeout_s``, ``request_timeout_s`` and ``priority_aging_s`` (about 31 years)."""
+"""The longest ``timeout_s``, ``request_timeout_s``, ``priority_aging_s`` and ``latency_target_s`` (about 31 years)."""
 
 
 def show(value: object) -> str:
@@ -113,6 +113,7 @@ class Settings:
     batch_cost: BatchCost = "sum"
     grouping: Grouping = "fifo"
     priority_aging_s: float = 1.0
+    latency_target_s: float | None = None
     cost_estimator: Callable[[Any], int] | None = None
     on_batch: Callable[[BatchInfo], object] | None = None
     batch_key: Callable[[Any], Hashable] | None = None
@@ -143,6 +144,9 @@ class Settings:
                 "request_timeout_s", self.request_timeout_s, allow_zero=False, capped=True
             ),
             "priority_aging_s": check_seconds("priority_aging_s", self.priority_aging_s, allow_zero=True, capped=True),
+            "latency_target_s": check_optional_seconds(
+                "latency_target_s", self.latency_target_s, allow_zero=False, capped=True
+            ),
         }
         for name, value in seconds.items():
             object.__setattr__(self, name, value)
@@ -199,6 +203,7 @@ class SettingsChanges(TypedDict, total=False):
     batch_cost: BatchCost
     grouping: Grouping
     priority_aging_s: float
+    latency_target_s: float | None
     on_batch: Callable[[BatchInfo], object] | None
     batch_key: Callable[[Any], Hashable] | None
     on_batch_error: OnBatchError

@@ -14,12 +14,15 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Literal, TypeAlias, TypeVar
 
+from ._durations import DurationFit
+
 T = TypeVar("T")
 
-DispatchReason: TypeAlias = Literal["budget", "max_size", "timeout", "free_slot", "shutdown"]
+DispatchReason: TypeAlias = Literal["budget", "max_size", "timeout", "free_slot", "shutdown", "target"]
 """Why a batch was closed: its cost budget was full, it reached ``max_batch_size``,
 its ``batch_timeout_s`` ran out (``"window"``), a processing slot was free
-(``"eager"``), or the batcher was stopping and flushed it."""
+(``"eager"``), the batcher was stopping and flushed it, or it was as large as
+``latency_target_s`` allows (a larger one was predicted to finish too late)."""
 
 WINDOW = 1024
 """How many recent values each sliding window keeps."""
@@ -104,9 +107,10 @@ class BatchStats:
     total_cancelled: int = 0
     """Records whose future was cancelled by its caller before a result arrived."""
     total_expired: int = 0
-    """Records whose deadline (``timeout_s``) passed while queued; they got ``TimeoutError``."""
+    """Records that got ``TimeoutError`` unprocessed: their ``timeout_s`` passed while queued, or, with
+    ``latency_target_s``, their wait made them miss their deadline."""
     total_rejected: int = 0
-    """Records refused by ``submit_nowait`` because the queue was full."""
+    """Records refused: by ``submit_nowait`` because the queue was full, or with ``OverloadedError``."""
     pending: int = 0
     """Records accepted and not yet resolved: queued, in a sealed batch, or in ``process_fn``."""
     queue_depth: int = 0
@@ -133,6 +137,22 @@ class BatchStats:
     """Records that failed alone when their failed batch was re-run (``on_batch_error="isolate"``); records.
 
     Each also counts in ``total_failed``."""
+    duration_intercept_s: float = 0.0
+    """Duration model (with ``latency_target_s``, else 0.0): seconds of any ``process_fn`` call, whatever its batch."""
+    duration_per_record_s: float = 0.0
+    """Duration model: seconds per record of a batch."""
+    duration_per_cost_s: float = 0.0
+    """Duration model: seconds per unit of a batch's counted cost (``batch_cost``), e.g. per token."""
+    duration_per_cost_squared_s: float = 0.0
+    """Duration model: seconds per squared unit of counted cost (how much a unit costs more in larger batches)."""
+    duration_samples: int = 0
+    """Duration model: successful batches it has learned from."""
+    duration_fit_error: float = 0.0
+    """Duration model: typical relative error of a prediction on recent batches (0.05 = 5%)."""
+    duration_ready: bool = False
+    """Duration model: True after its warm-up (8 batches); admission control starts then."""
+    predicted_wait_s: float = 0.0
+    """Seconds from submit to result predicted for the most recent record submitted (refused or not)."""
 
     @property
     def utilization(self) -> float:
@@ -254,6 +274,8 @@ class Recorder:
         queue_depth: int,
         peak_queue_depth: int,
         in_flight: int,
+        durations: DurationFit | None = None,
+        predicted_wait_s: float = 0.0,
     ) -> BatchStats:
         """Freeze the counters, with the numbers the batcher keeps elsewhere.
 
@@ -265,6 +287,7 @@ class Recorder:
         completed, failed, cancelled, expired = resolved
         pending = submitted - completed - failed - cancelled - expired
         n = self.batches
+        fit = durations if durations is not None else DurationFit()
         return BatchStats(
             total_submitted=submitted,
             total_completed=completed,
@@ -289,4 +312,12 @@ class Recorder:
             dispatch_reasons=MappingProxyType(dict(copied(self.reasons.items()))),
             total_retries=self.retries,
             total_isolated_failures=self.isolated,
+            duration_intercept_s=fit.intercept_s,
+            duration_per_record_s=fit.per_record_s,
+            duration_per_cost_s=fit.per_cost_s,
+            duration_per_cost_squared_s=fit.per_cost_squared_s,
+            duration_samples=fit.samples,
+            duration_fit_error=fit.fit_error,
+            duration_ready=fit.ready,
+            predicted_wait_s=predicted_wait_s,
         )

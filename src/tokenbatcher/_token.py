@@ -43,6 +43,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         batch_cost: As [DynamicBatcher][].
         grouping: As [DynamicBatcher][].
         priority_aging_s: As [DynamicBatcher][].
+        latency_target_s: As [DynamicBatcher][].
         on_batch: As [DynamicBatcher][].
         batch_key: As [DynamicBatcher][].
         on_batch_error: As [DynamicBatcher][].
@@ -98,6 +99,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         batch_cost: BatchCost = "sum",
         grouping: Grouping = "fifo",
         priority_aging_s: float = 1.0,
+        latency_target_s: float | None = None,
         on_batch: Callable[[BatchInfo], object] | None = None,
         batch_key: Callable[[RecordT], Hashable] | None = None,
         on_batch_error: OnBatchError = "fail",
@@ -124,6 +126,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
             batch_cost=batch_cost,
             grouping=grouping,
             priority_aging_s=priority_aging_s,
+            latency_target_s=latency_target_s,
             on_batch=on_batch,
             batch_key=batch_key,
             on_batch_error=on_batch_error,

@@ -13,6 +13,11 @@ flyte and matplotlib are optional: without flyte the flyte columns and the
 ratios to it are left out (with a note); without matplotlib no plots are drawn.
 Every speed figure is a ratio of implementations measured side by side in the
 same run, so the report means the same thing on any machine.
+
+The "Latency targets under overload" section is measured apart (about 20
+minutes: ``python -m tests.bench.overload``, and ``python -m
+tests.bench.model_overload`` for the real model); the page renders the newest
+of their results files in ``tests/bench/results/`` (see ``_overload_page.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import latency, overhead
+from . import _overload_page, latency, overhead
 from ._impls import FLYTE_ERROR, LABELS, machine_info
 
 COMMAND = "python -m tests.bench"
@@ -470,6 +475,7 @@ def write_report(
         md += ["![light load](img/light_load.png)", ""]
     if not plots:
         md += ["_matplotlib is not installed: no plots were drawn._", ""]
+    md += _overload_page.render(out / "img")
 
     md += standalone_sections()
     md += [

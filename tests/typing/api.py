@@ -24,6 +24,7 @@ from tokenbatcher import (
     DynamicBatcher,
     End,
     OnBatchError,
+    OverloadedError,
     Percentiles,
     Prompt,
     Stream,
@@ -84,6 +85,17 @@ async def token() -> None:
         assert_type(await (await b.submit(Prompt("hi"), estimated_tokens=2)), str)
     docs = TokenBatcher(embed, batch_cost="padded", grouping="similar_cost", max_concurrent_batches=2)
     assert_type(docs, TokenBatcher[Doc, list[float]])
+
+
+async def targeted() -> float:
+    async with DynamicBatcher(lengths, dispatch="eager", latency_target_s=0.06) as b:
+        assert_type(b.stats.predicted_wait_s, float)
+        assert_type(b.stats.duration_samples, int)
+        try:
+            return float(await b.call("abc"))
+        except OverloadedError as error:
+            assert_type(error.retry_after_s, float)
+            return error.retry_after_s
 
 
 def protocols(doc: Doc, prompt: Prompt) -> tuple[TokenEstimator, TokenEstimator, bool]:
