@@ -331,6 +331,18 @@ STANDALONE = [
         "    --json tests/bench/results/scaling.json --plot docs/pages/img/scaling.png",
         "img/scaling.png",
     ),
+    (
+        "An HTTP service: the FastAPI example under load",
+        "serve_load",
+        "`docs/examples/serve_fastapi.py`'s `POST /embed`, batched (eager, padded, similar_cost) against one "
+        "request per model call, driven over real HTTP by 1, 16 and 128 concurrent clients on the same "
+        "machine. The simulated model's cost per call and per padded token decides whether batching pays.",
+        "python -m pip install -e '.[serve]'\n"
+        "python -m tests.bench.serve_load --json tests/bench/results/serve_load.json\n"
+        "python -m tests.bench.serve_load --sim-call-ms 5 --sim-token-ms 0.005 \\\n"
+        "    --json tests/bench/results/serve_load.json",
+        None,
+    ),
 ]
 """Benchmarks run on their own (they take long, or need other packages), whose saved results
 this page renders: (heading, module in tests/bench, what it measures, command, plot)."""
@@ -345,7 +357,8 @@ def standalone_sections() -> list[str]:
             continue
         module: Any = importlib.import_module(f"{__package__}.{name}")
         md += [f"## {heading}", "", what, "", "```sh", command, "```", ""]
-        md += [f"![{heading}]({image})", ""]
+        if image is not None:
+            md += [f"![{heading}]({image})", ""]
         md += [module.format_report(json.loads(path.read_text())), ""]
     return md
 

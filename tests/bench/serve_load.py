@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import os
 import random
@@ -39,12 +40,12 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-
-import httpx
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "docs" / "examples" / "serve_fastapi.py"
@@ -192,6 +193,8 @@ async def run_clients(
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     other = 0
+    import httpx  # the serve extra; imported here so the benchmarks page renders without it
+
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     tls = ssl.create_default_context()  # unused over http://, but each client would load the CA store again
     async with contextlib.AsyncExitStack() as stack:
@@ -220,6 +223,8 @@ async def run_clients(
 
 
 async def measure(url: str, mode: str, clients: int, texts: Sequence[str], warmup_s: float, duration_s: float) -> Point:
+    import httpx
+
     if warmup_s > 0:
         await run_clients(url, clients, texts, warmup_s)
     async with httpx.AsyncClient(base_url=url) as client:
@@ -257,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--texts", type=int, default=2_000, help="distinct texts (default 2000)")
     parser.add_argument("--sim-call-ms", help="simulated model: ms per call (default: the server's, 20)")
     parser.add_argument("--sim-token-ms", help="simulated model: ms per padded token (default: the server's, 0.3)")
+    parser.add_argument("--json", help="also add the table to this JSON file (for the benchmarks page)")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
     texts = make_texts(args.texts)
@@ -285,6 +291,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = f"simulated ({call} ms a call + {token} ms a padded token)"
     print(table(points, model))
     print(f"\nLoad average after the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs).")
+    if args.json:
+        save(args.json, points, model, load)
+
+
+def save(path: str, points: Sequence[Point], model: str, load: tuple[float, float, float]) -> None:
+    """Add this run's table to the JSON file ``path`` (one entry per model), for the benchmarks page."""
+    target = Path(path)
+    runs: dict[str, Any] = json.loads(target.read_text()) if target.exists() else {"runs": {}}
+    runs["runs"][model] = {
+        "table": table(points, model),
+        "load_avg": f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    target.write_text(json.dumps(runs, indent=1))
+
+
+def format_report(results: dict[str, Any]) -> str:
+    """The saved tables, one per model, each with the machine's load when it ran."""
+    parts = []
+    for run in results["runs"].values():
+        parts += [run["table"], "", f"Measured {run['date']}; load average after the run {run['load_avg']}.", ""]
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":
