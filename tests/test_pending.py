@@ -17,8 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tokenbatcher._pending
-from tokenbatcher._pending import BUCKETS_PER_OCTAVE, Pending, Record, _Lanes, batch_cost
+import tokenbatcher._buckets
+from tokenbatcher._lanes import Lanes
+from tokenbatcher._pending import BUCKETS_PER_OCTAVE, Pending, Record, batch_cost
 
 WIDTH = 1 / BUCKETS_PER_OCTAVE  # one bucket, in log2 units
 
@@ -188,7 +189,7 @@ def live_entries(pending: Pending) -> int:
     """Entries actually held (stale ones included), counted the slow way; checks the counters."""
     if pending._similar:
         held = 0
-        for bucket in pending._buckets.values():
+        for bucket in pending._buckets.by_index.values():
             assert bucket.entries == sum(len(lane) for _, _, lane in bucket.fronts)
             held += bucket.entries
         return held
@@ -313,7 +314,7 @@ def test_lanes_stay_sorted_when_records_of_one_priority_come_out_of_order() -> N
     """A clock that goes back: a record that would break its lane's order opens a lane of its own."""
     loop = asyncio.new_event_loop()
     try:
-        lanes = _Lanes()
+        lanes = Lanes()
         times = [5.0, 4.0, 4.5, 1.0, 7.0, 7.0, 2.0, 6.0]
         records = make_records(loop, [1] * len(times), [1] * len(times))
         for rec, t in zip(records, times, strict=True):
@@ -334,15 +335,15 @@ def test_lanes_stay_sorted_when_records_of_one_priority_come_out_of_order() -> N
 
 
 def check_bucket_heads(pending: Pending) -> None:
-    """Every bucket that holds a live record is listed in ``_tops`` no later than its first one."""
-    tops = {id(entry) for entry in pending._tops}
-    for index, bucket in pending._buckets.items():
+    """Every bucket that holds a live record is listed in ``tops`` no later than its first one."""
+    tops = {id(entry) for entry in pending._buckets.tops}
+    for index, bucket in pending._buckets.by_index.items():
         assert bucket.listed is None or id(bucket.listed) in tops
         live = [rec for rec in bucket if rec.queued]
         if live:
-            assert index in pending._nonempty
+            assert index in pending._buckets.nonempty
             first = min(live)
-            assert any(e[2] == index and (e[0], e[1]) <= (first.key, first.seq) for e in pending._tops)
+            assert any(e[2] == index and (e[0], e[1]) <= (first.key, first.seq) for e in pending._buckets.tops)
 
 
 @settings(max_examples=300, deadline=None)
@@ -366,8 +367,8 @@ def test_similar_take_with_pushes_forgets_and_priorities_between_batches(
     ``relist_often``, the heap of bucket heads is rebuilt at each new entry.
     """
     loop = asyncio.new_event_loop()
-    slack = -(10**9) if relist_often else tokenbatcher._pending._TOPS_SLACK
-    with mock.patch.object(tokenbatcher._pending, "_TOPS_SLACK", slack):
+    slack = -(10**9) if relist_often else tokenbatcher._buckets._TOPS_SLACK
+    with mock.patch.object(tokenbatcher._buckets, "_TOPS_SLACK", slack):
         try:
             run_similar_steps(loop, steps, budget, max_size, padded, aging)
         finally:
@@ -451,7 +452,7 @@ def test_similar_heap_of_bucket_heads_stays_small_when_better_priorities_keep_co
             pending.push(high)  # first in its bucket: listed anew
             assert pending.take()[0] == [high]
             assert pending.oldest_time() == records[0].t  # the oldest low-priority record is the head now
-            assert len(pending._tops) <= 2 * len(pending._nonempty) + 64
+            assert len(pending._buckets.tops) <= 2 * len(pending._buckets.nonempty) + 64
         assert pending.size == 2000
     finally:
         loop.close()

@@ -32,6 +32,7 @@ from collections.abc import Callable, Hashable
 from ._calling import as_async, is_async_gen
 from ._configure import Configuring
 from ._deadlines import Deadlines
+from ._handoff import Threadsafe
 from ._intake import Intake
 from ._lifecycle import Lifecycle
 from ._processing import Processing
@@ -39,10 +40,13 @@ from ._settings import Settings
 from ._stats import BatchInfo, BatchStats
 from ._streaming import Streaming
 from ._streams import StreamFn
+from ._submit_batch import SubmitBatch
 from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, OnBatchError, ProcessFn, RecordT, ResultT
 
 
 class DynamicBatcher(
+    Threadsafe[RecordT, ResultT],
+    SubmitBatch[RecordT, ResultT],
     Intake[RecordT, ResultT],
     Streaming[RecordT, ResultT],
     Processing[RecordT, ResultT],

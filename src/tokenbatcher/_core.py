@@ -4,9 +4,13 @@
 in a module of its own, that share the state declared on [Core][]:
 
 - ``_settings.py``: what the batcher is set to (one frozen ``Settings``);
-- ``_intake.py``: ``submit`` and its siblings: validate, price, queue;
+- ``_intake.py``: one record in (``submit``, ``call``, ``submit_nowait``):
+  validate, price, queue; ``_submit_batch.py``: several at once, all or none;
+  ``_handoff.py``: ``submit_threadsafe``; ``_admission.py``: with
+  ``latency_target_s``, which records are let in;
 - ``_pending.py``: the queue, and which records make the next batch
-  (``_keyed.py``: one such queue per key, once a record has a key);
+  (``_lanes.py``: per-priority lanes; ``_buckets.py``: ``similar_cost``'s
+  cost buckets; ``_keyed.py``: one such queue per key, once a record has a key);
 - ``_dispatch.py``: when a batch is taken and which slot runs it (window, eager);
 - ``_latency.py``: with ``latency_target_s``, what the strategies consult:
   how large a batch may be, how long it may wait; ``_plan.py``: which

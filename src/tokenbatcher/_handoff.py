@@ -1,10 +1,15 @@
-"""``submit_threadsafe``'s hand-off: one record from a caller's thread to its result.
+"""``submit_threadsafe``: one record from a caller's thread to its result.
 
-The caller's thread gets a ``concurrent.futures.Future`` at once; the record
+``Threadsafe.submit_threadsafe`` checks what it can in the caller's thread,
+then hands the record over (``Handoff``): the caller's thread gets a ``concurrent.futures.Future`` at once; the record
 is submitted on the batcher's event loop, and its outcome is carried back.
 Every way the event loop can go away before that (stopped, shut down, closed)
 settles the caller's future with [BatcherStoppedError][tokenbatcher.BatcherStoppedError]
 rather than leaving it waiting forever.
+
+Owns: crossing from a caller's thread to the batcher's loop and back.  Must
+not touch: how the record is priced, checked or queued (``submit`` does that,
+on the loop).
 """
 
 from __future__ import annotations
@@ -12,11 +17,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-from collections.abc import Callable, Coroutine
+import threading
+from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, Generic
 
 from ._errors import BatcherStoppedError
-from ._types import ResultT
+from ._intake import Intake
+from ._keyed import check_key
+from ._lifecycle import RUNNING
+from ._streams import use_submit_stream
+from ._types import RecordT, ResultT
 
 
 class Handoff(Generic[ResultT]):
@@ -106,3 +116,55 @@ class Handoff(Generic[ResultT]):
 
     def __del__(self) -> None:
         self.stopped("the event loop running the batcher closed")
+
+
+class Threadsafe(Intake[RecordT, ResultT]):
+    """Submitting from another thread (mixed into DynamicBatcher)."""
+
+    def submit_threadsafe(
+        self,
+        record: RecordT,
+        *,
+        estimated_cost: int | None = None,
+        timeout_s: float | None = None,
+        priority: int = 0,
+        key: Hashable | None = None,
+    ) -> concurrent.futures.Future[ResultT]:
+        """Submit from another thread; return a ``concurrent.futures.Future``.
+
+        For synchronous code (a worker thread, a sync web handler) next to the
+        event loop that runs the batcher.  Backpressure applies inside the loop;
+        the returned future resolves to the result (or exception), and
+        cancelling it cancels the record.  If the event loop is not running,
+        shuts down (``asyncio.run`` returns) before the record is processed, or
+        closes before it took the record in, the future fails with
+        [BatcherStoppedError][] rather than waiting forever.
+
+        Raises:
+            RuntimeError: The batcher is not running, or this is called from the
+                batcher's own event-loop thread (use [submit][tokenbatcher.DynamicBatcher.submit] there).
+            TypeError: A ``timeout_s`` or ``priority`` of the wrong type, or a
+                ``key`` that is not hashable.
+            ValueError: A ``timeout_s`` or ``priority`` out of range.
+        """
+        if self._streaming:
+            raise use_submit_stream("submit_threadsafe", self)
+        loop = self._loop
+        if self._state is not RUNNING or loop is None:
+            self._refuse()
+        assert loop is not None
+        if getattr(loop, "_thread_id", None) == threading.get_ident():
+            raise RuntimeError("submit_threadsafe() was called on the batcher's own event loop; use submit()")
+        self._check_request(timeout_s, priority)  # bad arguments raise here, in the caller's thread
+        check_key("key", key)
+
+        def submit() -> Coroutine[Any, Any, asyncio.Future[ResultT]]:
+            return self.submit(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority, key=key)
+
+        handoff = Handoff(loop, submit, f"{type(self).__name__}-submit_threadsafe")
+        if loop.is_running():
+            with contextlib.suppress(RuntimeError):  # the loop closed just now: fall through
+                loop.call_soon_threadsafe(handoff.start)
+                return handoff.outcome
+        handoff.stopped("the event loop running the batcher is not running (it stopped or closed without stop())")
+        return handoff.outcome

@@ -1,47 +1,42 @@
-"""How records come in: ``submit`` and its siblings validate, price and queue.
+"""How a record comes in: ``submit`` (and ``call``, ``submit_nowait``) validate, price and queue it.
 
-Every way in shares one path: the record's cost is found (``_cost``), its
-``timeout_s`` and ``priority`` are checked (``_check_request``), its key, if
-it has one, is found (``_group``; see ``_keyed.py``), the caller
-waits for room if it may (``_wait_for_room``) or is refused, and the record
-is queued (``_enqueue``): pushed into the queue, given its deadline, and the
+Every way in (also ``submit_batch``, ``submit_stream``, and
+``submit_threadsafe`` through ``submit``) shares one path: the record's cost
+is found (``_cost``), its ``timeout_s`` and ``priority`` are checked
+(``_check_request``), its key, if it has one, is found (``_group``; see
+``_keyed.py``), the caller waits for room if it may (``_wait_for_room``) or is
+refused, and the record is queued (``_enqueue``): pushed into the queue, given its deadline, and the
 loops waiting for arrivals are woken when enough has arrived.  Nothing is
 queued or counted before every check has passed.
 
-With ``latency_target_s``, admission comes last (``_admit``): a record the
-latency policy (``_latency.py``) predicts would miss its deadline is refused
-with ``OverloadedError`` at once -- also when the queue is full, before
-waiting for room -- and ``submit_batch`` admits all its records or none.
+With ``latency_target_s``, admission comes last (``_admission.py``): a
+record predicted to miss its deadline is refused with ``OverloadedError``.
 
 A queued record is its own future (``Record``).  When its caller cancels it,
 or its deadline passes, it leaves the queue's count at once and a producer
 waiting for room is let in (``_cancelled``, ``_expire``).
 
-Owns: accepting records.  Must not touch: how batches are formed or run.
+Owns: accepting one record, and its place in the queue until it is taken.
+Must not touch: how batches are formed or run.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import threading
-from collections.abc import Callable, Coroutine, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from typing import Any, cast
 
-from ._core import Core
-from ._errors import OverloadedError, QueueFullError
-from ._handoff import Handoff
-from ._keyed import KeyedRecord, check_key, keyed_kind
-from ._latency import LatencyTarget
+from ._admission import Admission
+from ._errors import QueueFullError
+from ._keyed import KeyedRecord, keyed_kind
 from ._lifecycle import RUNNING
 from ._pending import Record
-from ._plan import Plan
 from ._settings import MAX_COST, MAX_PRIORITY, MIN_PRIORITY, bad_cost, check_int, check_seconds
 from ._streams import use_submit_stream
 from ._types import RecordT, ResultT
 
 
-class Intake(Core[RecordT, ResultT]):
+class Intake(Admission[RecordT, ResultT]):
     """Accepting records (mixed into DynamicBatcher)."""
 
     _estimator_name = "cost_estimator"
@@ -113,36 +108,6 @@ class Intake(Core[RecordT, ResultT]):
         if self._arrival_waiters and (pending.size >= self._wake_need or pending.full):
             self._wake_arrivals()
         return rec
-
-    def _admit(
-        self, latency: LatencyTarget, costs: Sequence[int], timeout_s: float | None, groups: Sequence[Hashable]
-    ) -> Plan | None:
-        """Ask the latency policy to let these records (of keys ``groups``) in; a refusal counts them as rejected."""
-        loop = self._loop
-        assert loop is not None
-        try:
-            return latency.admit(costs, groups, latency.span(timeout_s), loop.time())
-        except OverloadedError:
-            self._rec.rejected += len(costs)
-            raise
-
-    def _admit_all(
-        self,
-        latency: LatencyTarget,
-        items: Sequence[RecordT],
-        costs: Sequence[int],
-        timeout_s: float | None,
-        priority: int,
-        groups: Sequence[Hashable],
-    ) -> list[asyncio.Future[ResultT]]:
-        """Admit and queue records, all or none (there is room for them)."""
-        plan = self._admit(latency, costs, timeout_s, groups)
-        futures: list[asyncio.Future[ResultT]] = [
-            self._enqueue(item, cost, timeout_s, priority, group=group)
-            for item, cost, group in zip(items, costs, groups, strict=True)
-        ]
-        latency.commit(plan)
-        return futures
 
     async def submit(
         self,
@@ -278,123 +243,6 @@ class Intake(Core[RecordT, ResultT]):
         if latency is not None:
             return self._admit_all(latency, (record,), (cost,), deadline, priority, (key,))[0]
         return self._enqueue(record, cost, deadline, priority, group=key)
-
-    async def submit_batch(
-        self,
-        records: Sequence[RecordT],
-        *,
-        estimated_cost: Sequence[int] | None = None,
-        timeout_s: float | None = None,
-        priority: int = 0,
-        key: Hashable | None = None,
-    ) -> list[asyncio.Future[ResultT]]:
-        """Submit several records; return one future per record, in order.
-
-        All or nothing: every record is checked (costs, ``timeout_s``,
-        ``priority``) before any is queued, and the call waits until there is
-        room for all of them, then queues them at once.  If it raises or is
-        cancelled (``stop()`` began, say), no record was queued.
-
-        Args:
-            records: The records, at most ``max_queue_size`` of them.
-            estimated_cost: Their costs, a sequence as long as ``records``.
-            timeout_s: As [submit][], for every record.
-            priority: As [submit][], for every record.
-            key: As [submit][], for every record (without it, each record's
-                own ``batch_key(record)``, if ``batch_key`` is set).
-
-        Returns:
-            One future per record, in the order of ``records``.
-
-        Raises:
-            ValueError: ``estimated_cost`` has another length than ``records``,
-                or there are more records than ``max_queue_size`` (they could
-                never be queued at once); nothing was queued.
-            OverloadedError: As [submit][], if any of the records would miss
-                its deadline; none was queued.
-            RuntimeError: As [submit][].
-        """
-        if self._streaming:
-            raise use_submit_stream("submit_batch", self)
-        n = len(records)
-        if estimated_cost is not None and len(estimated_cost) != n:
-            raise ValueError(
-                f"estimated_cost must have one entry per record: got {len(estimated_cost)} for {n} records"
-            )
-        if self._state is not RUNNING or asyncio.get_running_loop() is not self._loop:
-            self._refuse()
-        if n > self._max_queue_size:
-            raise ValueError(
-                f"submit_batch got {n} records, more than max_queue_size={self._max_queue_size}: they could never "
-                "be queued at once. Split the call, or raise max_queue_size."
-            )
-        explicit: Sequence[int | None] = estimated_cost if estimated_cost is not None else [None] * n
-        costs = [self._cost(record, cost) for record, cost in zip(records, explicit, strict=True)]
-        deadline = self._check_request(timeout_s, priority)
-        groups: Sequence[Hashable] = [None] * n
-        if key is not None or self._batch_key is not None:
-            groups = [self._group(record, key) for record in records]
-        latency = self._latency
-        if self._pending.size + n > self._max_queue_size:
-            if latency is not None:
-                self._admit(latency, costs, deadline, groups)  # refused at once, rather than after waiting for room
-            await self._wait_for_room(n)
-        if latency is not None:
-            return self._admit_all(latency, records, costs, deadline, priority, groups)
-        return [
-            self._enqueue(record, cost, deadline, priority, group=group)
-            for record, cost, group in zip(records, costs, groups, strict=True)
-        ]
-
-    def submit_threadsafe(
-        self,
-        record: RecordT,
-        *,
-        estimated_cost: int | None = None,
-        timeout_s: float | None = None,
-        priority: int = 0,
-        key: Hashable | None = None,
-    ) -> concurrent.futures.Future[ResultT]:
-        """Submit from another thread; return a ``concurrent.futures.Future``.
-
-        For synchronous code (a worker thread, a sync web handler) next to the
-        event loop that runs the batcher.  Backpressure applies inside the loop;
-        the returned future resolves to the result (or exception), and
-        cancelling it cancels the record.  If the event loop is not running,
-        shuts down (``asyncio.run`` returns) before the record is processed, or
-        closes before it took the record in, the future fails with
-        [BatcherStoppedError][] rather than waiting forever.
-
-        Raises:
-            RuntimeError: The batcher is not running, or this is called from the
-                batcher's own event-loop thread (use [submit][] there).
-            TypeError: A ``timeout_s`` or ``priority`` of the wrong type, or a
-                ``key`` that is not hashable.
-            ValueError: A ``timeout_s`` or ``priority`` out of range.
-        """
-        if self._streaming:
-            raise use_submit_stream("submit_threadsafe", self)
-        loop = self._loop
-        if self._state is not RUNNING or loop is None:
-            self._refuse()
-        assert loop is not None
-        if getattr(loop, "_thread_id", None) == threading.get_ident():
-            raise RuntimeError("submit_threadsafe() was called on the batcher's own event loop; use submit()")
-        self._check_request(timeout_s, priority)  # bad arguments raise here, in the caller's thread
-        check_key("key", key)
-
-        def submit() -> Coroutine[Any, Any, asyncio.Future[ResultT]]:
-            return self.submit(record, estimated_cost=estimated_cost, timeout_s=timeout_s, priority=priority, key=key)
-
-        handoff = Handoff(loop, submit, f"{type(self).__name__}-submit_threadsafe")
-        if loop.is_running():
-            try:
-                loop.call_soon_threadsafe(handoff.start)
-                return handoff.outcome
-            except RuntimeError:  # the loop closed just now
-                pass
-        handoff.stopped("the event loop running the batcher is not running (it stopped or closed without stop())")
-        return handoff.outcome
 
     def _expire(self, rec: Record[Any], timeout_s: float) -> None:
         """A waiting record's deadline came: it fails with ``TimeoutError`` and frees its place."""

@@ -1,0 +1,256 @@
+"""Records in dispatch order: per-priority FIFO lanes, and how a batch is taken from them.
+
+From the first record that has a priority other than 0 until the queue
+empties, ``grouping="fifo"`` keeps its records in *lanes*: a deque per
+priority (records of one priority arrive in dispatch order, ``(key, seq)``)
+and a small heap of the lanes' first records, which picks the head.  Taking a
+record costs O(log P), P the number of priorities queued, whatever the depth
+of the queue.  ``grouping="similar_cost"`` keeps one ``Lanes`` per cost bucket
+(``_buckets.py``).
+
+``fill`` moves records from lanes into a batch in dispatch order while the
+next one fits; ``take`` is a whole batch of ``grouping="fifo"`` with
+priorities: the head, then what ``fill`` adds.
+
+Owns: the lanes and walking them in dispatch order.  Must not touch: the
+queue's counts (``size``, ``full``: ``_pending.py``) or the cost buckets.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Iterator
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+if TYPE_CHECKING:
+    from ._pending import Limit, Record
+
+dispatch_order = attrgetter("key", "seq")
+submission_order = attrgetter("seq")  # the same while every record's key is its submit time
+
+Lane: TypeAlias = "deque[Record[Any]]"
+Front: TypeAlias = "tuple[float, int, deque[Record[Any]]]"
+Top: TypeAlias = "tuple[float, int, int]"
+"""A cost bucket's entry in the heap of bucket heads: ``(key, seq, bucket index)``."""
+
+NOTHING_REFUSED = -1
+BUDGET_MET = -2
+
+
+class Lanes:
+    """Records in dispatch order: one FIFO lane per priority, and a heap of the lanes' fronts.
+
+    A lane holds the records of one ``key - t`` offset (one priority), which
+    arrive in dispatch order; a record that would not (it does not happen
+    with records in submission order) opens a new lane, so every lane stays
+    sorted.  ``fronts``
+    holds one ``(key, seq, lane)`` entry per non-empty lane, never later than
+    the lane's first live record: taking a record or forgetting one only makes
+    an entry early, and ``head`` puts the entries right on its way to the first
+    live record.
+    """
+
+    __slots__ = ("by_offset", "entries", "fronts", "listed")
+
+    def __init__(self) -> None:
+        self.by_offset: dict[float, Lane] = {}
+        """The lane that records with this ``key - t`` join."""
+        self.fronts: list[Front] = []
+        self.entries = 0
+        """Records held, stale ones included."""
+        self.listed: Top | None = None
+        """A cost bucket's entry in ``Buckets.tops``, never later than ``fronts[0]``."""
+
+    def push(self, rec: Record[Any]) -> None:
+        key = rec.key
+        offset = key - rec.t
+        lane = self.by_offset.get(offset)
+        if lane is not None and lane:
+            last = lane[-1]
+            if last.key < key or (last.key == key and last.seq < rec.seq):
+                lane.append(rec)  # the common case: the lane's entry in the heap stays as it is
+                self.entries += 1
+                return
+            lane = None  # out of order: it opens a lane of its own
+        if lane is None:
+            if len(self.by_offset) > 2 * len(self.fronts) + 64:  # forget lanes that emptied
+                self.by_offset = {off: ln for off, ln in self.by_offset.items() if ln}
+            lane = self.by_offset[offset] = deque()
+        heapq.heappush(self.fronts, (key, rec.seq, lane))  # a new lane, or an empty one again
+        lane.append(rec)
+        self.entries += 1
+
+    def head(self) -> Record[Any] | None:
+        """The first live record in dispatch order; ``fronts[0]`` is then its entry, exactly.
+
+        Stale entries in front of it are discarded on the way.
+        """
+        fronts = self.fronts
+        while fronts:
+            _, seq, lane = fronts[0]
+            while lane:
+                rec = lane[0]
+                if rec.queued:
+                    if rec.seq == seq:
+                        return rec
+                    heapq.heapreplace(fronts, (rec.key, rec.seq, lane))
+                    break
+                lane.popleft()
+                self.entries -= 1
+            else:
+                heapq.heappop(fronts)  # an empty lane leaves the heap (and stays in by_offset, empty)
+        return None
+
+    def pop_head(self) -> None:
+        """Remove the record ``head`` just returned."""
+        fronts = self.fronts
+        lane = fronts[0][2]
+        lane.popleft()
+        self.entries -= 1
+        if not lane:
+            heapq.heappop(fronts)
+        # else the entry is early now: ``head`` sets it right
+
+    def __iter__(self) -> Iterator[Record[Any]]:
+        """Every entry, stale ones included, lane by lane."""
+        for _, _, lane in self.fronts:
+            yield from lane
+
+    def compact(self) -> None:
+        """Drop every stale entry; every entry in ``fronts`` is then exact."""
+        fronts: list[Front] = []
+        for _, _, lane in self.fronts:
+            live = [rec for rec in lane if rec.queued]
+            lane.clear()
+            if live:
+                lane.extend(live)
+                fronts.append((live[0].key, live[0].seq, lane))
+        heapq.heapify(fronts)
+        self.fronts = fronts
+        self.entries = sum(len(lane) for _, _, lane in fronts)
+        self.by_offset = {offset: lane for offset, lane in self.by_offset.items() if lane}
+
+
+def fill(
+    lanes: Lanes, batch: list[Record[Any]], n: int, total: int, largest: int, budget: int, max_size: int, padded: bool
+) -> tuple[int, int, int, int]:
+    """Move records from ``lanes`` to ``batch``, in dispatch order, while they fit.
+
+    ``n``, ``total`` and ``largest`` describe ``batch`` (not empty).  Returns
+    them updated, and why it stopped: the cost of the record that did not fit,
+    ``BUDGET_MET`` when the batch's cost reached the budget exactly, else
+    ``NOTHING_REFUSED`` (the lanes ran out, or ``batch`` reached ``max_size``).
+    """
+    fronts = lanes.fronts
+    append = batch.append
+    heapreplace = heapq.heapreplace
+    taken = n
+    stop = NOTHING_REFUSED
+    while n < max_size and fronts:
+        if len(fronts) == 1:
+            # One lane: a plain FIFO (its entry may stay early: no other lane to order).
+            lane = fronts[0][2]
+            while n < max_size:
+                rec = lane[0]
+                if rec.queued:
+                    cost = rec.cost
+                    if padded:
+                        new_largest = cost if cost > largest else largest
+                        counted = (n + 1) * new_largest
+                    else:
+                        new_largest = largest
+                        counted = total + cost
+                    if counted > budget:
+                        stop = cost
+                        break
+                    rec.queued = False
+                    append(rec)
+                    n += 1
+                    total += cost
+                    largest = new_largest
+                    if counted == budget:
+                        stop = BUDGET_MET
+                else:
+                    lanes.entries -= 1
+                lane.popleft()
+                if not lane:
+                    heapq.heappop(fronts)
+                    break
+                if stop != NOTHING_REFUSED:
+                    break
+            else:
+                continue  # max_size: the outer loop ends
+            break
+        # Several lanes: the first live record is the front of the top lane,
+        # unless that is stale or the top entry early (then ``head`` sets
+        # them right).
+        _, seq, lane = fronts[0]
+        rec = lane[0]
+        if not rec.queued or rec.seq is not seq:
+            found = lanes.head()
+            if found is None:
+                break
+            if len(fronts) == 1:
+                continue  # the other lanes were stale: one left
+            rec, lane = found, fronts[0][2]
+        # The top lane gives records while they come before the other lanes'
+        # first ones (their entries are never later than those); then its
+        # entry is set right.
+        other = fronts[1] if len(fronts) == 2 or fronts[1] < fronts[2] else fronts[2]
+        other_key, other_seq = other[0], other[1]
+        while True:
+            cost = rec.cost
+            if padded:
+                new_largest = cost if cost > largest else largest
+                counted = (n + 1) * new_largest
+            else:
+                new_largest = largest
+                counted = total + cost
+            if counted > budget:
+                stop = cost
+                break
+            lane.popleft()
+            rec.queued = False
+            append(rec)
+            n += 1
+            total += cost
+            largest = new_largest
+            if counted == budget:
+                stop = BUDGET_MET
+                break
+            if n >= max_size or not lane:
+                break
+            rec = lane[0]
+            key = rec.key
+            if key > other_key or (key == other_key and rec.seq > other_seq) or not rec.queued:
+                break
+        if lane:
+            rec = lane[0]
+            heapreplace(fronts, (rec.key, rec.seq, lane))
+        else:
+            heapq.heappop(fronts)
+        if stop != NOTHING_REFUSED:
+            break
+    lanes.entries -= n - taken
+    return n, total, largest, stop
+
+
+def take(lanes: Lanes, budget: int, max_size: int, padded: bool) -> tuple[list[Record[Any]], Limit | None, int]:
+    """FIFO with priorities: the head, then records in dispatch order while the next fits.
+
+    Returns the batch (every record no longer queued), what closed it, and its total cost.
+    """
+    head = lanes.head()
+    assert head is not None
+    lanes.pop_head()
+    head.queued = False
+    batch = [head]
+    cost = head.cost
+    n, total, stop = 1, cost, BUDGET_MET
+    if cost < budget:  # batch_cost(1, ...): one record's cost, padded or not
+        n, total, _, stop = fill(lanes, batch, 1, cost, cost, budget, max_size, padded)
+    if n >= max_size:
+        return batch, "max_size", total
+    return batch, None if stop == NOTHING_REFUSED else "budget", total
