@@ -56,4 +56,6 @@ def test_notebook_runs_and_renders_the_stats_table(tmp_path: Path, monkeypatch: 
     stdout = "".join(out.text for out in outputs if out.output_type == "stream" and out.name == "stdout")
     assert "BatchStats(submitted=" in stdout  # print(await batcher.stats)
     assert "failed=0" in stdout
-    assert "stopped" in stdout  # the last cell stopped the batcher
+    assert "stopped" in stdout  # the stop cell stopped the batcher
+    assert "['THE', 'MODEL', 'READS'" in stdout  # @batched: each call got its own result
+    assert "decorator:" in stdout
