@@ -538,3 +538,23 @@ def test_a_capped_take_keeps_the_tighter_limits_and_the_head(
         assert pending.take() == ([], None)
     finally:
         loop.close()
+
+
+def test_head_discarding_stale_entries_keeps_the_measured_prefix_in_step() -> None:
+    """Regression: ``head()`` (a keyed batcher asks it for every key) popped a forgotten record
+    from the front without shrinking the measured prefix, so the next FIFO batch took one record
+    too many (found by the stateful test: a batch of 2 with ``max_batch_size=1``)."""
+    loop = asyncio.new_event_loop()
+    try:
+        pending = Pending(budget=1, max_size=1, padded=False, similar=False)
+        records = make_records(loop, [0, 0, 0, 0])
+        for rec in records:
+            pending.push(rec)
+        records[1].cancel()
+        pending.forget(records[1])
+        assert [r.item for r in pending.take()[0]] == [0]
+        assert pending.head() is records[2]  # discards the forgotten record in front of it
+        assert [r.item for r in pending.take()[0]] == [2]
+        assert [r.item for r in pending.take()[0]] == [3]
+    finally:
+        loop.close()

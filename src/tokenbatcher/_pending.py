@@ -286,6 +286,8 @@ class Pending:
             if rec.queued:
                 return rec
             fifo.popleft()
+            if self._fill_phys:  # the measured prefix starts at the front: it loses this entry too
+                self._fill_phys -= 1
         return None
 
     def in_order(self, *, next_only: bool = False) -> Iterator[Record[Any]]:
