@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
-    "module", ["tests.bench", "tests.bench.model", "tests.bench.model_overload", "tests.bench.soak"]
+    "module",
+    ["tests.bench", "tests.bench.model", "tests.bench.model_overload", "tests.bench.soak", "tests.bench.tuning"],
 )
 def test_the_bench_modules_run_from_the_repository_root(module: str) -> None:
     done = subprocess.run(
