@@ -52,7 +52,8 @@ class Configuring(Core[RecordT, ResultT]):
           batches handed to ``process_fn`` afterwards; the others at once;
         - ``latency_target_s``: a changed target applies to batches taken
           and records submitted afterwards (the duration model is kept);
-          switched on, a fresh model starts its warm-up, and records already
+          switched on, a fresh model starts its warm-up (while tuning, the
+          tuner's model is shared instead), and records already
           queued are due the target after their submit; switched off, every
           record is let in and no batch is capped from then on;
         - ``tune``, or a changed ceiling or target while tuning: the tuner

@@ -210,10 +210,11 @@ class Core(Generic[RecordT, ResultT]):
     def _apply_target(self, settings: Settings) -> None:
         """Adopt ``latency_target_s`` and the limits its policy reads.
 
-        Switched on, it starts a fresh duration model (warm-up again), and the
-        records already waiting are due the target after their submit; a
-        changed target or limit applies to batches taken, and records
-        submitted, afterwards (the model is kept).
+        Switched on, it starts a fresh duration model (warm-up again; with
+        ``tune``, it shares the tuner's), and the records already waiting
+        are due the target after their submit; a changed target or limit
+        applies to batches taken, and records submitted, afterwards (the
+        model is kept).
         """
         from ._latency import LatencyTarget  # it reads Core's state
 
