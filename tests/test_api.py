@@ -89,6 +89,7 @@ def test_dynamic_batcher_signature_matches_the_reference() -> None:
         "on_batch_error": "fail",
         "executor": None,
         "stream_buffer": 10_000,
+        "tune": "off",
     }
 
 
@@ -161,6 +162,7 @@ SETTINGS = [
     "batch_key",
     "on_batch_error",
     "stream_buffer",
+    "tune",
 ]
 """Every setting: a constructor argument, a read-back property and a name ``configure`` takes."""
 TOKEN_NAMES = ["token_estimator", "target_batch_tokens", "default_token_estimate"]
@@ -208,6 +210,7 @@ def test_properties_read_back_the_constructor_arguments() -> None:
         "batch_key": len,
         "on_batch_error": "isolate",
         "stream_buffer": 64,
+        "tune": "throughput",
     }
     assert set(given) == set(SETTINGS)
     batcher = DynamicBatcher(echo, **given)

@@ -12,7 +12,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
-    "module", ["tests.bench", "tests.bench.model", "tests.bench.model_overload", "tests.bench.soak"]
+    "module",
+    [
+        "tests.bench",
+        "tests.bench.model",
+        "tests.bench.model_overload",
+        "tests.bench.soak",
+        "tests.bench.tuning",
+        "tests.bench.tuning_model",
+    ],
 )
 def test_the_bench_modules_run_from_the_repository_root(module: str) -> None:
     done = subprocess.run(

@@ -38,6 +38,7 @@ SETTINGS = (
     "batch_key",
     "on_batch_error",
     "stream_buffer",
+    "tune",
 )
 
 

@@ -33,6 +33,7 @@ from ._types import ProcessFn as ProcessFn
 from ._types import Prompt as Prompt
 from ._types import TokenEstimator as TokenEstimator
 from ._types import TokenEstimatorFn as TokenEstimatorFn
+from ._types import Tune as Tune
 
 __version__ = "0.1.0"
 
@@ -64,5 +65,6 @@ __all__ = [
     "TokenBatcher",
     "TokenEstimator",
     "TokenEstimatorFn",
+    "Tune",
     "batched",
 ]

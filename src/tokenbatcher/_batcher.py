@@ -41,7 +41,7 @@ from ._stats import BatchInfo, BatchStats
 from ._streaming import Streaming
 from ._streams import StreamFn
 from ._submit_batch import SubmitBatch
-from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, OnBatchError, ProcessFn, RecordT, ResultT
+from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, OnBatchError, ProcessFn, RecordT, ResultT, Tune
 
 
 class DynamicBatcher(
@@ -137,6 +137,12 @@ class DynamicBatcher(
             holds unread (>= 1): ``process_fn`` never waits for a reader,
             and a stream whose reader falls this far behind fails with
             [StreamOverflowError][tokenbatcher.StreamOverflowError].  Other batchers ignore it.
+        tune: ``"off"`` (the default: the budget is fixed, as flyte's) or
+            ``"throughput"``: ``target_batch_cost`` and ``max_batch_size``
+            become ceilings, and the batcher learns from the batches it runs
+            the limits (both scaled by one factor) that give the most records
+            per second; with ``latency_target_s``, the most efficient whose
+            batches still meet the target.  See ``tuned_*`` in [BatchStats][tokenbatcher.BatchStats].
 
     Settings are read back by properties of the same names, and changed
     while running by [configure][tokenbatcher.DynamicBatcher.configure].
@@ -171,6 +177,7 @@ class DynamicBatcher(
         on_batch_error: OnBatchError = "fail",
         executor: concurrent.futures.Executor | None = None,
         stream_buffer: int = 10_000,
+        tune: Tune = "off",
     ) -> None:
         if not callable(process_fn):
             raise TypeError(f"process_fn must be callable (async or plain), got {process_fn!r}")
@@ -194,6 +201,7 @@ class DynamicBatcher(
             batch_key=batch_key,
             on_batch_error=on_batch_error,
             stream_buffer=stream_buffer,
+            tune=tune,
             budget_name=self._budget_name(),
             default_name=self._default_name(),
             estimator_name=self._estimator_name,
@@ -234,6 +242,7 @@ class DynamicBatcher(
             in_flight=self._in_flight,
             durations=self._durations.fit if self._durations is not None else None,
             predicted_wait_s=latency.predicted_wait_s if latency is not None else 0.0,
+            tuner=self._tuning.stats if self._tuning is not None else None,
         )
 
     def __repr__(self) -> str:

@@ -26,7 +26,7 @@ from ._core import Core, wake_all
 from ._lifecycle import RUNNING, STOPPING
 from ._settings import RESTART_ONLY, SettingsChanges
 from ._stats import BatchInfo
-from ._types import BatchCost, Dispatch, Grouping, OnBatchError, RecordT, ResultT
+from ._types import BatchCost, Dispatch, Grouping, OnBatchError, RecordT, ResultT, Tune
 
 
 class Configuring(Core[RecordT, ResultT]):
@@ -52,9 +52,12 @@ class Configuring(Core[RecordT, ResultT]):
           batches handed to ``process_fn`` afterwards; the others at once;
         - ``latency_target_s``: a changed target applies to batches taken
           and records submitted afterwards (the duration model is kept);
-          switched on, a fresh model starts its warm-up, and records already
+          switched on, a fresh model starts its warm-up (while tuning, the
+          tuner's model is shared instead), and records already
           queued are due the target after their submit; switched off, every
           record is let in and no batch is capped from then on;
+        - ``tune``, or a changed ceiling or target while tuning: the tuner
+          starts afresh from the ceilings (the duration model is kept);
         - ``dispatch`` and ``max_concurrent_batches`` only while not running
           (before [start][tokenbatcher.DynamicBatcher.start] or after
           [stop][tokenbatcher.DynamicBatcher.stop]).
@@ -213,6 +216,11 @@ class Configuring(Core[RecordT, ResultT]):
     def stream_buffer(self) -> int:
         """A streaming batcher's bound on the entries one stream holds unread."""
         return self._settings.stream_buffer
+
+    @property
+    def tune(self) -> Tune:
+        """``"off"`` (fixed limits) or ``"throughput"`` (the limits are learned, under the ceilings)."""
+        return self._settings.tune
 
 
 def on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:

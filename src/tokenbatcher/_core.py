@@ -15,6 +15,7 @@ in a module of its own, that share the state declared on [Core][]:
 - ``_latency.py``: with ``latency_target_s``, what the strategies consult:
   how large a batch may be, how long it may wait; ``_plan.py``: which
   records are let in;
+- ``_tuning.py``: with ``tune``, the limits the next batch is formed with;
 - ``_processing.py``: a slot calls ``process_fn`` and resolves the futures;
 - ``_streaming.py`` (and ``_streams.py``): ``submit_stream``, and a streaming
   ``process_fn``'s steps handed to the records' streams;
@@ -42,6 +43,7 @@ from ._keyed import KeyedPending, check_key
 from ._pending import Pending, Record
 from ._settings import Settings
 from ._stats import DispatchReason, Recorder
+from ._tuning import Tuning, apply_tune
 from ._types import ProcessFn, RecordT, ResultT
 
 if TYPE_CHECKING:
@@ -103,6 +105,8 @@ class Core(Generic[RecordT, ResultT]):
     """The model of ``process_fn``'s duration; fed after each successful batch when not None."""
     _latency: LatencyTarget | None
     """The latency-target policy, with ``latency_target_s``."""
+    _tuning: Tuning | None
+    """The throughput tuner, with ``tune="throughput"``."""
     _state: State
     _loop: asyncio.AbstractEventLoop | None
     _tasks: list[asyncio.Task[None]]
@@ -158,7 +162,7 @@ class Core(Generic[RecordT, ResultT]):
         self._wake_need = sys.maxsize
         self._room_waiters = deque()
         self._keyed = False
-        self._durations = self._latency = None
+        self._durations = self._latency = self._tuning = None
         budget, max_size, padded, similar = queue_limits(settings)
         self._pending = Pending(budget=budget, max_size=max_size, padded=padded, similar=similar)
         self._settings = settings
@@ -205,23 +209,28 @@ class Core(Generic[RecordT, ResultT]):
         if settings.dispatch != old.dispatch:
             self._strategy = self._new_strategy()
         self._apply_target(settings)
+        apply_tune(self, settings)
 
     def _apply_target(self, settings: Settings) -> None:
         """Adopt ``latency_target_s`` and the limits its policy reads.
 
-        Switched on, it starts a fresh duration model (warm-up again), and the
-        records already waiting are due the target after their submit; a
-        changed target or limit applies to batches taken, and records
-        submitted, afterwards (the model is kept).
+        Switched on, it starts a fresh duration model (warm-up again; with
+        ``tune``, it shares the tuner's), and the records already waiting
+        are due the target after their submit; a changed target or limit
+        applies to batches taken, and records submitted, afterwards (the
+        model is kept).
         """
         from ._latency import LatencyTarget  # it reads Core's state
 
         if settings.latency_target_s is None:
-            self._durations = self._latency = None
+            self._latency = None
+            if settings.tune == "off":
+                self._durations = None
         elif self._latency is not None:
             self._latency.reconfigure(settings)
         else:
-            self._durations = DurationModel()
+            if self._durations is None:  # else the tuner's: one model for both
+                self._durations = DurationModel()
             latency = self._latency = LatencyTarget(self, self._durations, self._miss)
             span = latency.span(None)
             waiting = [rec for batch in self._strategy.held() for rec in batch.records]
@@ -246,6 +255,9 @@ class Core(Generic[RecordT, ResultT]):
         budget, max_size, padded, similar = queue_limits(self._settings)
         self._pending = KeyedPending.adopt(queue, budget=budget, max_size=max_size, padded=padded, similar=similar)
         self._keyed = True
+        if self._tuning is not None:
+            self._tuning.applied = None
+            self._tuning.sync(self)
         if self._arrival_waiters:
             self._wake_arrivals()  # the loops look at the new queue
 
@@ -253,7 +265,9 @@ class Core(Generic[RecordT, ResultT]):
 
     def _take(self, reason: DispatchReason) -> Batch | None:
         """Take the next batch out of the queue into ``_out`` (None if nothing is queued)."""
-        latency = self._latency
+        latency, tuning = self._latency, self._tuning
+        if tuning is not None:
+            tuning.sync(self)
         if latency is None:
             records, limit = self._pending.take()
         else:
@@ -268,6 +282,8 @@ class Core(Generic[RecordT, ResultT]):
             return None
         batch = Batch(records, limit or reason)
         self._out.add(batch)
+        if tuning is not None:
+            tuning.taken(batch)
         return batch
 
     async def _wait_arrivals(self, need: int, deadline: float | None) -> None:

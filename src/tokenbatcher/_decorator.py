@@ -51,7 +51,7 @@ from ._perloop import PerLoop
 from ._stats import BatchInfo
 from ._streams import End, Stream, StreamBatch
 from ._token import TokenBatcher
-from ._types import BatchCost, Dispatch, Grouping, OnBatchError, RecordT, ResultT
+from ._types import BatchCost, Dispatch, Grouping, OnBatchError, RecordT, ResultT, Tune
 
 OwnerT_contra = TypeVar("OwnerT_contra", contravariant=True)
 
@@ -86,6 +86,7 @@ class BatcherSettings(TypedDict, total=False):
     on_batch_error: OnBatchError
     executor: concurrent.futures.Executor | None
     stream_buffer: int
+    tune: Tune
 
 
 _stream_owners: weakref.WeakKeyDictionary[Stream[Any], object] = weakref.WeakKeyDictionary()

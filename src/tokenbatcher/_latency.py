@@ -119,6 +119,11 @@ class LatencyTarget(Admission):
         self._similar = settings.grouping == "similar_cost"
         self._plan = None
 
+    def limit(self, budget: int, max_size: int) -> None:
+        """Form batches within these limits (the tuner's, under the settings' ceilings) from now on."""
+        self._budget, self._max_size = budget, max_size
+        self._plan = None
+
     # ------------------------------------------------------------------ predictions
 
     def _learn(self) -> None:

@@ -23,7 +23,8 @@ than one record is not delivered at once: the batch is re-run in halves until
 each failure is one record's own (``_isolate.py``).
 
 A batch whose first call succeeded then teaches the duration model
-(``_durations.py``, with ``latency_target_s``), and the ``on_batch`` hook gets a [BatchInfo][tokenbatcher.BatchInfo];
+(``_durations.py``, with ``latency_target_s`` or ``tune``) and the tuner
+(``_tuning.py``), and the ``on_batch`` hook gets a [BatchInfo][tokenbatcher.BatchInfo];
 what it raises is logged and ignored (but ``KeyboardInterrupt`` and
 ``SystemExit`` stop the batcher).
 
@@ -63,6 +64,8 @@ class Processing(Core[RecordT, ResultT]):
                 rec.waiting = False  # dispatched: its deadline no longer applies
             if not live:
                 self._out.discard(batch)
+                if self._tuning is not None:
+                    self._tuning.forget(batch)
                 return
             settings = self._settings  # the batch keeps the settings it was handed over with
             rec_stats = self._rec
@@ -98,6 +101,8 @@ class Processing(Core[RecordT, ResultT]):
                     self._durations.observe(len(live), counted, elapsed, ended)
                 if latency is not None:
                     latency.finished(batch, learned=ok)
+                if self._tuning is not None:
+                    self._tuning.finished(self, batch, ok, counted, elapsed)
             self._out.discard(batch)  # every record is accounted for (or _abort failed them)
             if settings.on_batch is not None:
                 oldest = min(rec.t for rec in live)

@@ -25,7 +25,7 @@ from typing import Any, SupportsIndex
 from typing_extensions import TypedDict
 
 from ._stats import BatchInfo
-from ._types import BatchCost, Dispatch, Grouping, OnBatchError
+from ._types import BatchCost, Dispatch, Grouping, OnBatchError, Tune
 
 MAX_COST = 2**63 - 1
 """The largest cost of one record, so every sum and average in the stats stays a finite float."""
@@ -119,6 +119,7 @@ class Settings:
     batch_key: Callable[[Any], Hashable] | None = None
     on_batch_error: OnBatchError = "fail"
     stream_buffer: int = 10_000
+    tune: Tune = "off"
     budget_name: str = field(default="target_batch_cost", repr=False, compare=False)
     default_name: str = field(default="default_cost", repr=False, compare=False)
     estimator_name: str = field(default="cost_estimator", repr=False, compare=False)
@@ -159,6 +160,7 @@ class Settings:
         check_choice("grouping", self.grouping, ("fifo", "similar_cost"))
         check_choice("on_batch_error", self.on_batch_error, ("fail", "isolate"))
         check_int("stream_buffer", self.stream_buffer, 1)
+        check_choice("tune", self.tune, ("off", "throughput"))
 
     def replace(self, names: Mapping[str, str] = MappingProxyType({}), /, **changes: Any) -> Settings:
         """A validated copy with ``changes`` applied (all or nothing: a bad value raises, nothing changes).
@@ -208,6 +210,7 @@ class SettingsChanges(TypedDict, total=False):
     batch_key: Callable[[Any], Hashable] | None
     on_batch_error: OnBatchError
     stream_buffer: int
+    tune: Tune
 
 
 class TokenSettingsChanges(SettingsChanges, total=False):

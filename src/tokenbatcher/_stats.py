@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeAlias, TypeVar
 
 from ._durations import DurationFit
+from ._tuner import TunerStats
 
 T = TypeVar("T")
 
@@ -153,6 +154,17 @@ class BatchStats:
     """Duration model: True after its warm-up (8 batches); admission control starts then."""
     predicted_wait_s: float = 0.0
     """Seconds from submit to result predicted for the most recent record submitted (refused or not)."""
+    tuned_budget: int = 0
+    """With ``tune="throughput"`` (else 0): the cost budget the tuner judges best now, in cost units (<= ceiling)."""
+    tuned_max_size: int = 0
+    """With ``tune="throughput"`` (else 0): the record cap that goes with ``tuned_budget``, in records."""
+    tuned_exploring: bool = False
+    """With ``tune="throughput"``: True while the next batch tries other limits than the best known."""
+    tuned_records_per_s: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
+    """With ``tune="throughput"``: each budget tried lately, and the records per second estimated for it.
+
+    Estimates come from the duration model once it is ready, calibrated by the batches the budget closed;
+    0.0 for a budget whose batches are predicted to miss ``latency_target_s``."""
 
     @property
     def utilization(self) -> float:
@@ -187,6 +199,8 @@ class BatchStats:
                 text = f"p50 {value.p50:.4g} · p95 {value.p95:.4g} · p99 {value.p99:.4g} · max {value.max:.4g}"
             elif f.name == "dispatch_reasons":
                 text = ", ".join(f"{k}: {n}" for k, n in sorted(self.dispatch_reasons.items())) or "-"
+            elif f.name == "tuned_records_per_s":
+                text = ", ".join(f"{k}: {v:.4g}/s" for k, v in sorted(self.tuned_records_per_s.items())) or "-"
             elif isinstance(value, float):
                 text = f"{value:.4g}"
             else:
@@ -276,6 +290,7 @@ class Recorder:
         in_flight: int,
         durations: DurationFit | None = None,
         predicted_wait_s: float = 0.0,
+        tuner: TunerStats | None = None,
     ) -> BatchStats:
         """Freeze the counters, with the numbers the batcher keeps elsewhere.
 
@@ -320,4 +335,10 @@ class Recorder:
             duration_fit_error=fit.fit_error,
             duration_ready=fit.ready,
             predicted_wait_s=predicted_wait_s,
+            tuned_budget=tuner.budget if tuner is not None else 0,
+            tuned_max_size=tuner.max_size if tuner is not None else 0,
+            tuned_exploring=tuner.exploring if tuner is not None else False,
+            tuned_records_per_s=MappingProxyType(
+                {arm.budget: arm.estimate for arm in tuner.arms} if tuner is not None else {}
+            ),
         )

@@ -13,7 +13,7 @@ from ._batcher import DynamicBatcher
 from ._settings import MAX_COST, TokenSettingsChanges, bad_cost
 from ._stats import BatchInfo
 from ._streams import Stream, StreamFn
-from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, OnBatchError, ProcessFn, RecordT, ResultT
+from ._types import BatchCost, CostEstimatorFn, Dispatch, Grouping, OnBatchError, ProcessFn, RecordT, ResultT, Tune
 
 
 class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
@@ -49,6 +49,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         on_batch_error: As [DynamicBatcher][].
         executor: As [DynamicBatcher][].
         stream_buffer: As [DynamicBatcher][].
+        tune: As [DynamicBatcher][].
 
     Raises:
         TypeError: Neither ``inference_fn`` nor ``process_fn`` was given, or as
@@ -105,6 +106,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
         on_batch_error: OnBatchError = "fail",
         executor: concurrent.futures.Executor | None = None,
         stream_buffer: int = 10_000,
+        tune: Tune = "off",
     ) -> None:
         fn = inference_fn if inference_fn is not None else process_fn
         if fn is None:
@@ -132,6 +134,7 @@ class TokenBatcher(DynamicBatcher[RecordT, ResultT]):
             on_batch_error=on_batch_error,
             executor=executor,
             stream_buffer=stream_buffer,
+            tune=tune,
         )
 
     def _budget_name(self) -> str:

@@ -38,6 +38,9 @@ Grouping: TypeAlias = Literal["fifo", "similar_cost"]
 OnBatchError: TypeAlias = Literal["fail", "isolate"]
 """What a batch's futures get when ``process_fn`` raises; see [DynamicBatcher][tokenbatcher.DynamicBatcher]."""
 
+Tune: TypeAlias = Literal["off", "throughput"]
+"""Whether the batcher learns its own batch limits; see [DynamicBatcher][tokenbatcher.DynamicBatcher]."""
+
 
 @runtime_checkable
 class CostEstimator(Protocol):

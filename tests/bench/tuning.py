@@ -1,0 +1,146 @@
+"""``tune="throughput"`` on simulated models: tuned vs the best fixed budget vs the default.
+
+The models
+----------
+``process_fn`` sleeps a known time for a batch of ``n`` records (every record
+costs 1, so ``max_batch_size`` is the limit that binds):
+
+* **U-shaped**: ``0.02 + 0.0001 * n**2`` seconds: a call costs 20 ms and a
+  record more the larger its batch (a CPU whose caches overflow); the best
+  batch is 14 records;
+* **flat**: ``0.0001 * n``: the same per record at every size (batching
+  neither helps nor hurts: the tuner must keep the ceiling);
+* **drift**: U-shaped, and after half the records the quadratic term is four
+  times larger (the GPU is now shared): the best batch falls to 7.
+
+The harness
+-----------
+A saturated producer: every record is queued up front (``max_queue_size``
+holds them all), and the batcher runs until the last result.  Records/s is
+records over the run's loop time.  Each arm runs through the real batcher,
+with default settings except the one named: ``default`` is
+``max_batch_size=256`` (the library's default), ``fixed n`` is
+``max_batch_size=n`` for ``n`` in a sweep (the best is shown), ``tuned`` is
+``tune="throughput"`` under the default ceilings, with ``dispatch="window"``
+(the default) and ``"eager"``.  "After 50" is records/s over the batches
+from the 50th on (for drift: from the 50th after the change), against the best
+fixed size's over the same span.
+
+``--clock virtual`` (the default) runs on the test suite's virtual clock:
+``asyncio.sleep`` costs no wall time, so the figures are exact and the same on
+every machine.  ``--clock real`` runs on the real clock (timer slack and a
+loaded machine then show).
+
+Run alone: ``python -m tests.bench.tuning [--records 6000] [--clock virtual]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from tokenbatcher import DynamicBatcher
+
+SWEEP = (1, 2, 4, 7, 8, 11, 14, 16, 23, 32, 64, 128, 256)
+
+
+class Shape:
+    """A simulated ``process_fn``: seconds per batch of ``n``; ``drift`` from half the records on."""
+
+    def __init__(
+        self, name: str, base: float, quadratic: float, linear: float, drift: float = 1.0, scale: int = 1
+    ) -> None:
+        self.name, self.base, self.quadratic, self.linear, self.drift = name, base, quadratic, linear, drift
+        self.scale = scale
+        """Records per run, times ``--records`` (so that even full batches number more than 50)."""
+
+    def seconds(self, n: int, drifted: bool) -> float:
+        q = self.quadratic * (self.drift if drifted else 1.0)
+        return self.base + self.linear * n + q * n * n
+
+
+SHAPES = (
+    Shape("U-shaped", 0.02, 0.0001, 0.0),
+    Shape("flat", 0.0, 0.0, 0.0001, scale=5),
+    Shape("drift", 0.02, 0.0001, 0.0, drift=4.0),
+)
+
+
+async def _run(shape: Shape, records: int, **settings: Any) -> tuple[float, float]:
+    """(records/s over the run, records/s from the 50th batch on, after the drift if any)."""
+    loop = asyncio.get_running_loop()
+    done = [0]
+    batches: list[tuple[float, int]] = []
+    drift_at: list[int] = []
+
+    async def process(batch: list[int]) -> list[int]:
+        drifted = done[0] >= records // 2 and shape.drift != 1.0
+        if drifted and not drift_at:
+            drift_at.append(len(batches))
+        batches.append((loop.time(), len(batch)))
+        await asyncio.sleep(shape.seconds(len(batch), drifted))
+        done[0] += len(batch)
+        return batch
+
+    async with DynamicBatcher(process, max_queue_size=records, **settings) as batcher:
+        start = loop.time()
+        futures = [await batcher.submit(i) for i in range(records)]
+        await asyncio.gather(*futures)
+        end = loop.time()
+    first = (drift_at[0] if drift_at else 0) + 50
+    tail = batches[first:]
+    after = sum(n for _, n in tail) / (end - tail[0][0]) if tail else float("nan")
+    return records / (end - start), after
+
+
+def _loop(clock: str) -> asyncio.AbstractEventLoop:
+    if clock == "virtual":
+        from tests.conftest import VirtualClockLoop
+
+        return VirtualClockLoop()
+    return asyncio.new_event_loop()
+
+
+def _measure(clock: str, coro: Coroutine[Any, Any, tuple[float, float]]) -> tuple[float, float]:
+    loop = _loop(clock)
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the markdown table (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=6000, help="records per run (default 6000)")
+    parser.add_argument("--clock", choices=("virtual", "real"), default="virtual")
+    args = parser.parse_args(argv)
+    began = time.perf_counter()
+    print(f"records/s, {args.records} records per run (flat: 5x), saturated producer, {args.clock} clock\n")
+    print("| model | default (256) | best fixed | tuned (window) | after 50 | tuned (eager) | after 50 |")
+    print("|---|---|---|---|---|---|---|")
+    for shape in SHAPES:
+        run: Callable[..., Coroutine[Any, Any, tuple[float, float]]] = _run
+        records = args.records * shape.scale
+        default = _measure(args.clock, run(shape, records))[0]
+        fixed = {n: _measure(args.clock, run(shape, records, max_batch_size=n)) for n in SWEEP}
+        best = max(fixed, key=lambda n: (round(fixed[n][0], 1), n))  # ties: the largest
+        top, top_after = fixed[best][0], max(rates[1] for rates in fixed.values())
+        window = _measure(args.clock, run(shape, records, tune="throughput"))
+        eager = _measure(args.clock, run(shape, records, tune="throughput", dispatch="eager"))
+        print(
+            f"| {shape.name} | {default:,.0f} | {top:,.0f} (n={best}) | {window[0]:,.0f} ({window[0] / top:.0%}) | "
+            f"{window[1]:,.0f} ({window[1] / top_after:.0%}) | {eager[0]:,.0f} ({eager[0] / top:.0%}) | "
+            f"{eager[1]:,.0f} ({eager[1] / top_after:.0%}) |"
+        )
+    print(
+        "\n(percentages: of the best fixed size's records/s over the same span of the run"
+        f" (whole run, or from the 50th batch on); took {time.perf_counter() - began:.1f} s of wall time)"
+    )
+
+
+if __name__ == "__main__":
+    main()
