@@ -16,30 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import OnLoop, run_virtual
+from test_api import SETTINGS  # every setting, pinned once with the public surface
 from tokenbatcher import BatchInfo, DynamicBatcher, TokenBatcher
-
-SETTINGS = (
-    "cost_estimator",
-    "target_batch_cost",
-    "max_batch_size",
-    "min_batch_size",
-    "batch_timeout_s",
-    "max_queue_size",
-    "prefetch_batches",
-    "default_cost",
-    "dispatch",
-    "max_concurrent_batches",
-    "request_timeout_s",
-    "batch_cost",
-    "grouping",
-    "priority_aging_s",
-    "latency_target_s",
-    "on_batch",
-    "batch_key",
-    "on_batch_error",
-    "stream_buffer",
-    "tune",
-)
 
 
 def snapshot(batcher: DynamicBatcher[Any, Any]) -> dict[str, Any]:
