@@ -128,7 +128,7 @@ def test_it_stays_at_the_ceiling_on_a_flat_curve() -> None:
             await asyncio.gather(*await saturate(batcher, 64 * 60))
             stats = batcher.stats
         assert (stats.tuned_budget, stats.tuned_max_size) == (32_000, 64)
-        sizes = [size for _, size, _ in sim.batches]
+        sizes = [size for _, size, _ in sim.batches][20:]  # it starts at 4 records, and climbs
         assert sizes.count(64) >= 0.6 * len(sizes)  # the rest: probes of the next arm, 45 records
 
     run_virtual(main())

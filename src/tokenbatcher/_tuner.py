@@ -5,23 +5,30 @@ scales both by one factor from a log grid (``step`` apart) down to one record,
 each factor an *arm* (both scale: a batch closes at whichever limit binds first,
 the budget for tokens, the size for records of cost 1).
 
-*Evidence.*  An arm is judged by records per second, ``n / duration``, of
-batches its own limits closed (``"budget"``, ``"max_size"``); one closed because
-a slot was free or its window ran out is as large as the queue was, not as the
-arm allows.  (Every batch still teaches the duration model, which the caller
-feeds.)  Until that model is ready an arm's estimate is its measured rate;
-then, the model's prediction for the batch the arm forms times the arm's speed
-measured relative to the model (the nearest measured arm's, for one never
-tried): this cancels most of the noise a mix of cheap and costly records puts
-into raw rates, and lets the model extrapolate.
+*Evidence.*  An arm is judged by records per second, ``n / duration``, of the
+batches formed under it, whatever closed them: that is the throughput it
+gives at the load there is.  A batch closed because a slot was free or its
+window ran out (not by the limits) is as large as the queue was: such batches
+also tell the *natural* batch, the one the queue offers, and an arm whose
+limits exceed it forms that batch too, so it is judged as that batch (arms
+above it are one arm, and the climb skips them).  Until the duration model is
+ready an arm's estimate is its measured rate; then, the model's prediction
+for the batch the arm forms times the arm's speed measured relative to the
+model (the nearest measured arm's, for one never tried): this cancels most of
+the noise a mix of cheap and costly records puts into raw rates, and lets the
+model extrapolate.
 
-*Moves.*  It starts at the ceilings.  After ``dwell`` limited batches on an arm
+*Moves.*  It starts at a sixteenth of the ceilings (``START``): small batches
+are cheap to learn from, where a first batch at the ceilings can take as long
+as dozens of small ones on a model whose cost per record grows with the batch;
+the climb goes up first, and once the duration model is ready it jumps to the
+arm it predicts best.  After ``dwell`` batches on an arm
 it takes the largest batches within a tie of the best estimate (a tie is the
 model's typical error on one batch, 2% to 5%), leaves the ceilings only for a
 gain of two ties (a flat curve stays there), and replaces its best arm only for
-``MARGIN`` more.  Before the model is ready, the best arm's untried neighbours
-go first (hill climbing).  It probes a neighbour of the best arm every
-``probe_every`` limited batches, forgets measurements older than ``memory`` of
+``MARGIN`` more.  The best arm's untried neighbours go first (hill climbing:
+the model extrapolates, but a batch tried is evidence).  It probes a neighbour of the best arm every
+``probe_every`` batches, forgets measurements older than ``memory`` of
 them, and all of them when the model detects a change of speed.
 
 *Latency target.*  Arms whose batch is predicted too slow are not chosen (the
@@ -44,7 +51,9 @@ MARGIN = 0.03  # the gain that replaces the best arm
 SHAPE_ALPHA = 0.1  # weight of a new batch in an arm's average batch (records, cost, seconds)
 SPEED_ALPHA = 0.15  # and in its average speed relative to the duration model
 PRIOR_BATCHES = 3.0  # batches' worth of trust in the model when calibrating an arm against it
-LIMITED = frozenset({"budget", "max_size"})
+START = 16.0  # the first decision: the ceilings divided by this
+NATURAL_ALPHA = 0.2  # weight of a new batch in the share of natural batches
+NATURAL = frozenset({"free_slot", "timeout"})  # closed with all the queue offered (within the limits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +96,8 @@ class TunerStats:
     """The best arm's record cap."""
     exploring: bool
     """True while trying another arm."""
-    limited_batches: int
-    """Batches closed by the chosen limits (the ones that measure an arm)."""
+    batches: int
+    """Batches it has learned from."""
     switches: int
     """Times the chosen arm changed."""
     target_cap: tuple[int, int] | None
@@ -131,9 +140,9 @@ class ThroughputTuner:
         max_batch_size: The record ceiling.
         latency_target_s: If set, the longest a batch may be predicted to take.
         step: Ratio between neighbouring arms (> 1).
-        dwell: Limited batches on an arm before comparing it.
-        probe_every: Limited batches at the best arm between probes of a neighbour.
-        memory: Limited batches after which an arm's measurement is forgotten.
+        dwell: Batches on an arm before comparing it.
+        probe_every: Batches at the best arm between probes of a neighbour.
+        memory: Batches after which a measurement is forgotten.
 
     Raises:
         ValueError: A setting is out of range.
@@ -165,8 +174,12 @@ class ThroughputTuner:
             (max(1, round(target_batch_cost / step**k)), max(1, round(max_batch_size / step**k))) for k in range(count)
         ]
         self._arms = [_Arm() for _ in self._limits]
-        self._current: int = 0  # the arm the next batch uses
-        self._best: int = 0  # the arm with the best estimate
+        self._natural = _Arm()  # the batches the queue offered (closed by a free slot or the window)
+        self._natural_share = 0.0  # running share of such batches: the natural batch counts while most are
+        start = min(len(self._limits) - 1, round(math.log(START) / math.log(step)))
+        self._current: int = start  # the arm the next batch uses
+        self._best: int = start  # the arm with the best estimate
+        self._way = 1  # the way the climb goes once the model is ready: -1 to larger batches, +1 to smaller
         self._on_arm = self._steps = self._switches = 0
         self._shifts = model.fit.shifts
         self._per_record = 0.0  # running average of counted cost per record, over every batch
@@ -186,7 +199,7 @@ class ThroughputTuner:
             cost: Its counted cost (padded or sum).
             duration_s: Seconds ``process_fn`` took.
             now: The caller's clock (``loop.time()``); unused today, kept so every learner is fed alike.
-            reason: Why the batch was closed; only ``"budget"`` and ``"max_size"`` measure an arm.
+            reason: Why the batch was closed (``"free_slot"`` and ``"timeout"``: all the queue offered).
         """
         del now
         check_int(size, "size", 1)
@@ -194,9 +207,13 @@ class ThroughputTuner:
         if self._model.fit.shifts != self._shifts:  # the speed changed: old measurements mislead
             self._shifts = self._model.fit.shifts
             self._arms = [_Arm() for _ in self._limits]
-        if reason not in LIMITED or not 0 <= decision.arm < len(self._arms):
-            return
         self._steps += 1
+        natural = reason in NATURAL
+        self._natural_share += NATURAL_ALPHA * (natural - self._natural_share)
+        if natural:
+            self._natural.add(size, cost, duration_s, None, self._steps)
+        if not 0 <= decision.arm < len(self._arms):
+            return
         fit = self._model.fit
         predicted = fit.predict(size, cost) if fit.ready else None
         self._arms[decision.arm].add(size, cost, duration_s, predicted, self._steps)
@@ -211,14 +228,22 @@ class ThroughputTuner:
             if arm.batches and self._steps - arm.last > self._memory:
                 self._arms[k] = _Arm()
         scores, current = self._scores(), self._current
+        if not self._model.fit.ready:  # slow start: larger batches, one arm at a time, until the model can judge
+            self._best = target = max(current - 1, 0)
+            if target != current:
+                self._current, self._on_arm, self._switches = target, 0, self._switches + 1
+            return
         best = self._choose(scores)
         if current == self._best and scores[best] <= scores[current] * (1 + MARGIN):
             best = current  # not enough better to leave the best
         self._best = target = best
-        untried = [k for k in (best + 1, best - 1) if 0 <= k < len(self._arms) and not self._arms[k].batches]
-        if untried and not self._model.fit.ready:
-            target = untried[0]  # hill climbing until the model can judge arms never tried
-        elif best == current and self._on_arm >= self._probe_every:
+        if scores[current] >= scores[best] * (1 - self._tie()):
+            for way in (self._way, -self._way):  # hill climbing: on the way it went while that does not lose
+                k = best - 1 if way < 0 else self._below(best)
+                if 0 <= k < len(self._arms) and not self._arms[k].batches:
+                    target, self._way = k, way
+                    break
+        if target == best == current and self._on_arm >= self._probe_every:
             target = self._probe()
         if target != current:
             self._current, self._on_arm, self._switches = target, 0, self._switches + 1
@@ -244,32 +269,54 @@ class ThroughputTuner:
                 scores[k] = arm.records / max(arm.seconds, 1e-12) if arm.batches else -math.inf
                 continue
             near = arms[min(measured, key=lambda j: abs(j - k))]
-            records, cost = self._batch_at(k, near)
+            records, cost = self._batch_at(k)
             predicted = fit.predict(records, cost)
             if self._target is None or predicted <= self._target or k == len(arms) - 1:
                 scores[k] = records / max(predicted, 1e-12) * near.calibration()
         return scores
 
-    def _batch_at(self, k: int, near: _Arm) -> tuple[float, float]:
-        """(records, cost) of arm ``k``'s batches: as measured, else at ``near``'s cost per record."""
-        if near is self._arms[k]:
-            return near.records, near.cost
-        per_record = near.cost / near.records
+    def _batch_at(self, k: int) -> tuple[float, float]:
+        """(records, cost) of arm ``k``'s batches.
+
+        At a cost per record between the arm's measured one and the recent one over every batch, the
+        more measured the closer to its own: the costs of a few batches vary by chance, an arm's own
+        (less padding in smaller batches, say) shows with more.
+        """
+        per_record, arm = self._per_record, self._arms[k]
+        if arm.batches:
+            weight = arm.batches / (arm.batches + PRIOR_BATCHES)
+            per_record = weight * arm.cost / arm.records + (1 - weight) * per_record
         budget, size = self._limits[k]
-        records = max(1.0, min(float(size), budget / per_record if per_record > 0 else math.inf))
+        records = min(float(size), budget / per_record if per_record > 0 else math.inf)
+        if self._natural_share >= 0.5:  # limits above the natural batch form that batch
+            records = min(records, self._natural.records)
+        records = max(1.0, records)
         return records, records * per_record
+
+    def _below(self, k: int) -> int:
+        """The next arm below ``k`` whose batches differ from ``k``'s: arms above the natural batch are one."""
+        j, natural = k + 1, self._natural
+        if self._natural_share >= 0.5:
+            last = len(self._limits) - 1
+            while j < last and self._limits[j][0] >= natural.cost and self._limits[j][1] >= natural.records:
+                j += 1
+        return j
 
     def _choose(self, scores: list[float]) -> int:
         """The best arm: the ceilings unless beaten by two ties, else the largest within half a tie."""
-        tie = min(max(self._model.fit.fit_error, TIE), TIE_MAX)
+        tie = self._tie()
         top = max(scores)
         if scores[0] >= top * (1 - 2 * tie):
             return 0
         return next((k for k, score in enumerate(scores) if score >= top * (1 - tie / 2)), 0)
 
+    def _tie(self) -> float:
+        """A relative difference in records/s taken for noise: the model's typical error, within bounds."""
+        return min(max(self._model.fit.fit_error, TIE), TIE_MAX)
+
     def _probe(self) -> int:
         """A neighbour of the best arm to measure again: the one measured longest ago."""
-        near = [k for k in (self._best - 1, self._best + 1) if 0 <= k < len(self._arms)]
+        near = [k for k in (self._best - 1, self._below(self._best)) if 0 <= k < len(self._arms)]
         return min(near, key=lambda k: self._arms[k].last) if near else self._best
 
     def _capped(self, k: int) -> tuple[int, int]:
