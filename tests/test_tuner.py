@@ -248,11 +248,11 @@ def test_batches_formed_under_an_earlier_decision_count_for_their_own_arm() -> N
     queue = SaturatedQueue(u_shaped)
     first = tuner.decide()
     tune(tuner, model, queue, 1)
-    assert tuner.decide().arm == first.arm - 1  # it moved on to try the next arm up
+    assert tuner.decide().arm == first.arm + 1  # it moved on to try the next arm down
     size, cost, reason, seconds = queue.run(first.budget, first.max_size)  # a batch prefetched earlier
     model.observe(size, cost, seconds, 1.0)
     tuner.observe(first, size=size, cost=cost, duration_s=seconds, now=1.0, reason=reason)
-    assert tuner.decide().arm == first.arm - 1
+    assert tuner.decide().arm == first.arm + 1
     assert [arm.batches for arm in tuner.snapshot().arms if arm.budget == first.budget] == [2]
 
 
