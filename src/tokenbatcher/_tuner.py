@@ -252,7 +252,7 @@ class ThroughputTuner:
             if arm.batches and self._steps - arm.last > self._memory:
                 self._arms[k] = _Arm()
         scores, current = self._scores(), self._current
-        if not self._model.fit.ready:  # slow start: larger batches, one arm at a time, until the model can judge
+        if not self._model.fit.ready:  # slow start: smaller batches, one arm at a time, until the model can judge
             self._best = target = min(current + 1, len(self._limits) - 1)
             if target != current:
                 self._current, self._on_arm, self._switches = target, 0, self._switches + 1
