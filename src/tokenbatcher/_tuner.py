@@ -23,7 +23,7 @@ its window ran out is as large as the queue was: while most are, they tell
 the *natural* batch, and an arm whose limits exceed it forms that batch too
 (arms above it are one arm, and the climb skips them).
 
-*Moves.*  It starts at a sixteenth of the ceilings (``START``) and climbs
+*Moves.*  It starts at a 64th of the ceilings (``START``) and climbs
 down an arm every ``dwell`` batches until the model is ready (slow start:
 small batches are cheap to learn from; on a model whose cost per record grows
 with the batch one batch at the ceilings can take as long as dozens of small
@@ -60,7 +60,7 @@ SHAPE_ALPHA = 0.1  # weight of a new batch in an arm's average batch (records, c
 SPEED_ALPHA = 0.15  # and in its average speed relative to the duration model
 PRIOR_BATCHES = 3.0  # batches' worth of trust in the model when calibrating an arm against it
 GROWTH = 2  # arms beyond the largest measured one that a move may reach (a factor of 2 in batch size)
-START = 16.0  # the first decision: the ceilings divided by this
+START = 64.0  # the first decision: the ceilings divided by this
 NATURAL_ALPHA = 0.2  # weight of a new batch in the share of natural batches
 NATURAL = frozenset({"free_slot", "timeout"})  # closed with all the queue offered (within the limits)
 

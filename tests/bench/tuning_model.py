@@ -208,7 +208,13 @@ def main(argv: list[str] | None = None) -> None:
     variants = build(ex, model, args)
     asyncio.run(run_batcher(ex, model, texts[:64], lambda fn: _warm(fn, model), args.producers))
     began = time.perf_counter()
-    result: dict[str, Any] = {"texts": args.texts, "producers": args.producers, "threads": args.threads, "feeds": {}}
+    result: dict[str, Any] = {
+        "texts": args.texts,
+        "producers": args.producers,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "feeds": {},
+    }
     for feed in args.feeds.split(","):
         rows: dict[str, dict[str, Any]] = {v.name: {"rates": []} for v in variants}
         reference: list[Any] | None = None
@@ -230,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
                     row["tuned_budget"] = last_stats[0].tuned_budget
                 print(f"  [{feed}] {v.name}: {rate:.1f} texts/s (load {load:.2f})", flush=True)
         result["feeds"][feed] = rows
-        print(table(feed, rows, args))
+        print(table(feed, rows, result))
     print(f"took {time.perf_counter() - began:.0f} s")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
@@ -242,15 +248,25 @@ def _warm(fn: Any, model: Any) -> Any:
     return TokenBatcher(inference_fn=fn, token_estimator=model.count_tokens, target_batch_tokens=4096)
 
 
-def table(feed: str, rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+def format_report(result: dict[str, Any]) -> str:
+    """The benchmarks page's section: a table per feed (``python -m tests.bench --from-json`` renders it)."""
+    head = (
+        f"all-MiniLM-L6-v2, {result['threads']} torch thread(s), texts/s; each variant run "
+        f"{result['repeats']} time(s), round-robin, the median shown (a loaded 2-core machine: other work ran)."
+    )
+    return "\n".join([head, *(table(feed, rows, result) for feed, rows in result["feeds"].items())])
+
+
+def table(feed: str, rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     """The markdown table of one feed, with the goals' ratios."""
     median = {name: statistics.median(row["rates"]) for name, row in rows.items()}
     offline = max(v for k, v in median.items() if k.startswith("offline"))
     swept = {k: v for k, v in median.items() if k.startswith("batched") and k != BATCHED_DEFAULTS}
     best_batched = max(swept, key=swept.__getitem__)
-    how = f"{args.producers} clients, one text each at a time" if feed == "service" else "every text queued at once"
+    clients = f"{meta['producers']} clients, one text each at a time"
+    how = clients if feed == "service" else "every text queued at once"
     lines = [
-        f"\n{feed}: {args.texts} log-uniform texts, {how}; median of {args.repeats}\n",
+        f"\n**{feed}**: {meta['texts']} log-uniform texts, {how}\n",
         "| variant | texts/s | of offline best | texts per call | padding | tuned budget at the end |",
         "|---|---|---|---|---|---|",
     ]
