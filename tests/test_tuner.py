@@ -207,30 +207,53 @@ def test_with_a_latency_target_it_takes_the_most_efficient_budget_that_meets_it(
     assert rate(tune(tuner, model, queue, 100, start=100)) >= 0.85 * max(feasible)
 
 
-def test_only_batches_its_limits_closed_measure_an_arm() -> None:
+def light_load(tuner: ThroughputTuner, model: DurationModel, curve: Curve, rounds: int, offered: int) -> list[int]:
+    """``offered`` records of cost 100 arrive per round and are served under the tuner's limits; the sizes."""
+    sizes: list[int] = []
+    for i in range(rounds):
+        left = offered
+        while left:
+            decision = tuner.decide()
+            size = max(1, min(left, decision.max_size, decision.budget // 100))
+            left -= size
+            seconds, reason = curve(size, 100 * size), "budget" if left else "free_slot"
+            model.observe(size, 100 * size, seconds, float(i))
+            tuner.observe(decision, size=size, cost=100 * size, duration_s=seconds, now=float(i), reason=reason)
+            sizes.append(size)
+    return sizes
+
+
+def test_batches_as_large_as_the_queue_count_and_keep_the_ceiling_when_splitting_costs_more() -> None:
     tuner, model = new_tuner()
-    before = tuner.decide()
-    for i in range(50):  # light load: every batch is as large as the queue was
-        model.observe(3, 300, u_shaped(3, 300), float(i))
-        tuner.observe(before, size=3, cost=300, duration_s=u_shaped(3, 300), now=float(i), reason="free_slot")
-        tuner.observe(before, size=2, cost=200, duration_s=u_shaped(2, 200), now=float(i), reason="timeout")
-    assert tuner.decide() == before
+    sizes = light_load(tuner, model, u_shaped, 60, offered=3)  # a call costs 5 ms: splitting three records loses
     stats = tuner.snapshot()
-    assert stats.arms == ()
-    assert stats.limited_batches == 0
+    assert stats.batches == len(sizes)  # every batch is evidence, not only those its limits closed
+    assert stats.budget >= 300  # its batches are the queue's, whole
+    assert sizes[-40:].count(3) >= 30  # it tried splitting (a probe now and then), and came back
+
+
+def test_batches_as_large_as_the_queue_lead_it_below_them_when_smaller_batches_are_faster() -> None:
+    def quadratic(n: int, c: int) -> float:  # per record 1 ms + 0.5 ms per record in the batch: best alone
+        return 0.001 * n + 0.0005 * n * n
+
+    tuner, model = new_tuner()
+    sizes = light_load(tuner, model, quadratic, 60, offered=24)
+    # the climb skips the arms the 24 records never reach (32,000 down to 2,400 all form the same batch)
+    assert tuner.snapshot().budget < 2_400
+    assert sum(sizes[-40:]) / 40 <= 6
 
 
 def test_batches_formed_under_an_earlier_decision_count_for_their_own_arm() -> None:
     tuner, model = new_tuner(dwell=1)
     queue = SaturatedQueue(u_shaped)
-    ceiling = tuner.decide()
+    first = tuner.decide()
     tune(tuner, model, queue, 1)
-    assert tuner.decide().arm == 1  # it moved on to try the next arm
-    size, cost, reason, seconds = queue.run(ceiling.budget, ceiling.max_size)  # a batch prefetched earlier
+    assert tuner.decide().arm == first.arm + 1  # it moved on to try the next arm down
+    size, cost, reason, seconds = queue.run(first.budget, first.max_size)  # a batch prefetched earlier
     model.observe(size, cost, seconds, 1.0)
-    tuner.observe(ceiling, size=size, cost=cost, duration_s=seconds, now=1.0, reason=reason)
-    assert tuner.decide().arm == 1
-    assert tuner.snapshot().arms[0].batches == 2
+    tuner.observe(first, size=size, cost=cost, duration_s=seconds, now=1.0, reason=reason)
+    assert tuner.decide().arm == first.arm + 1
+    assert [arm.batches for arm in tuner.snapshot().arms if arm.budget == first.budget] == [2]
 
 
 def test_the_snapshot_is_immutable_and_lists_the_arms_largest_first() -> None:
@@ -243,7 +266,7 @@ def test_the_snapshot_is_immutable_and_lists_the_arms_largest_first() -> None:
     assert budgets == sorted(budgets, reverse=True)
     assert len(budgets) >= 3
     assert all(arm.records_per_s > 0 and arm.batches > 0 for arm in stats.arms)
-    assert stats.limited_batches == 60
+    assert stats.batches == 60
     assert stats.switches >= 2
     assert stats.target_cap is None
 

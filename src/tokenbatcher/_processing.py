@@ -102,7 +102,7 @@ class Processing(Core[RecordT, ResultT]):
                 if latency is not None:
                     latency.finished(batch, learned=ok)
                 if self._tuning is not None:
-                    self._tuning.finished(self, batch, ok, counted, elapsed)
+                    self._tuning.finished(self, batch, ok, counted, elapsed, total)
             self._out.discard(batch)  # every record is accounted for (or _abort failed them)
             if settings.on_batch is not None:
                 oldest = min(rec.t for rec in live)

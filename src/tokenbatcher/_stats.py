@@ -163,8 +163,9 @@ class BatchStats:
     tuned_records_per_s: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
     """With ``tune="throughput"``: each budget tried lately, and the records per second estimated for it.
 
-    Estimates come from the duration model once it is ready, calibrated by the batches the budget closed;
-    0.0 for a budget whose batches are predicted to miss ``latency_target_s``."""
+    Estimates come from the duration model once it is ready, calibrated by the batches formed under the
+    budget, and are records per second at the recent mix of record costs (work per second, divided by the
+    recent cost of a record); 0.0 for a budget whose batches are predicted to miss ``latency_target_s``."""
 
     @property
     def utilization(self) -> float:

@@ -114,8 +114,13 @@ class Tuning:
             decisions.clear()
         decisions[batch] = self.tuner.decide()
 
-    def finished(self, batcher: Core[Any, Any], batch: Batch, ok: bool, cost: int, duration_s: float) -> None:
-        """``batch`` left ``process_fn`` (the model was fed first if ``ok``): learn, and adopt the next limits."""
+    def finished(
+        self, batcher: Core[Any, Any], batch: Batch, ok: bool, cost: int, duration_s: float, work: int
+    ) -> None:
+        """``batch`` left ``process_fn`` (the model was fed first if ``ok``): learn, and adopt the next limits.
+
+        ``cost`` is its counted cost, ``work`` the sum of its records' own costs (less, if padded).
+        """
         decision = self._decisions.pop(batch, None)
         if decision is None or not ok:
             return
@@ -128,6 +133,7 @@ class Tuning:
             duration_s=duration_s,
             now=loop.time(),
             reason=batch.reason,
+            work=work,
         )
         self.stats = self.tuner.snapshot()
         self.sync(batcher)

@@ -348,6 +348,19 @@ STANDALONE = [
         "    --json tests/bench/results/serve_load.json",
         None,
     ),
+    (
+        "Self-tuning budget: the real model",
+        "tuning_model",
+        '`tune="throughput"` at the default ceilings (32,000 tokens, 256 records) against the default '
+        "budget, fixed budgets, the offline best (every text known in advance, sorted, cut into the "
+        "largest padded batches within a budget) and mixedbread `batched` 0.1.5 in its length-sorted mode, "
+        "all padded + similar_cost + eager on our side, fed as a service (32 clients each awaiting its "
+        "result) and as a batch job (every text queued at once). The simulated models of "
+        "`python -m tests.bench.tuning` (exact, on the virtual clock) are in [Tuning](tuning.md).",
+        "python -m pip install -e '.[models,bench]'\n"
+        "python -m tests.bench.tuning_model --threads 1 --json tests/bench/results/tuning_model.json",
+        None,
+    ),
 ]
 """Benchmarks run on their own (they take long, or need other packages), whose saved results
 this page renders: (heading, module in tests/bench, what it measures, command, plot)."""

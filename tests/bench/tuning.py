@@ -31,19 +31,36 @@ fixed size's over the same span.
 every machine.  ``--clock real`` runs on the real clock (timer slack and a
 loaded machine then show).
 
-Run alone: ``python -m tests.bench.tuning [--records 6000] [--clock virtual]``.
+Padded texts
+------------
+Then the case the tuner was built for: a ``TokenBatcher`` with
+``batch_cost="padded"``, ``grouping="similar_cost"`` and ``dispatch="eager"``
+embedding ``--texts`` texts of log-uniform lengths (3 to 256 tokens: most
+short, a few long) on a simulated CPU encoder: 5 ms a call plus a padded
+token at 7,000 tokens/s, each token dearer once a batch passes 4,096 padded
+tokens (what ``tests/bench/model.py`` measures of all-MiniLM-L6-v2 here).
+Fed two ways: ``service``, 32 clients each awaiting its text's result before
+sending the next (at most 32 texts wait), and ``job``, every text queued at
+once.  Against: the default budget (32,000), the best fixed budget of a sweep,
+and the offline best (every length known in advance, sorted, cut into the
+largest padded batches within a budget: the best budget of the sweep).
+
+Run alone: ``python -m tests.bench.tuning [--records 6000] [--texts 2000] [--clock virtual]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import random
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from tokenbatcher import DynamicBatcher
 
+T = TypeVar("T")
 SWEEP = (1, 2, 4, 7, 8, 11, 14, 16, 23, 32, 64, 128, 256)
 
 
@@ -96,6 +113,81 @@ async def _run(shape: Shape, records: int, **settings: Any) -> tuple[float, floa
     return records / (end - start), after
 
 
+TEXT_SWEEP = (128, 256, 512, 1024, 2048, 4096)
+
+
+def text_lengths(count: int, seed: int = 0) -> list[int]:
+    """``count`` log-uniform token counts between 3 and 256."""
+    rng = random.Random(seed)
+    return [min(256, max(3, round(math.exp(rng.uniform(math.log(3), math.log(256)))))) for _ in range(count)]
+
+
+def encoder_seconds(batch: list[int]) -> float:
+    """The simulated CPU encoder: a batch of these token counts, padded to the longest."""
+    padded = len(batch) * max(batch)
+    return 0.005 + padded / 7000 * (1 + max(0, padded - 4096) / 16384)
+
+
+def offline(lengths: list[int], budget: int) -> float:
+    """Texts/s of sorted padded batches within ``budget``, one after another."""
+    seconds, batch = 0.0, list[int]()
+    for n in sorted(lengths):
+        if batch and (len(batch) + 1) * n > budget:
+            seconds, batch = seconds + encoder_seconds(batch), []
+        batch.append(n)
+    return len(lengths) / (seconds + encoder_seconds(batch))
+
+
+async def _texts(lengths: list[int], feed: str, **settings: Any) -> float:
+    """Texts/s through our TokenBatcher, fed as ``feed`` says (see the module docstring)."""
+    from tokenbatcher import TokenBatcher
+
+    async def encode(batch: list[int]) -> list[int]:
+        await asyncio.sleep(encoder_seconds(batch))
+        return batch
+
+    loop = asyncio.get_running_loop()
+    batcher = TokenBatcher(
+        inference_fn=encode,
+        token_estimator=int,
+        batch_cost="padded",
+        grouping="similar_cost",
+        dispatch="eager",
+        max_queue_size=len(lengths),
+        **settings,
+    )
+    async with batcher:
+        start = loop.time()
+        if feed == "job":
+            await asyncio.gather(*[await batcher.submit(n) for n in lengths])
+        else:
+            texts = iter(lengths)
+
+            async def client() -> None:
+                for n in texts:  # shared: each text goes to one client
+                    await (await batcher.submit(n))
+
+            await asyncio.gather(*(client() for _ in range(32)))
+        return len(lengths) / (loop.time() - start)
+
+
+def texts_table(clock: str, count: int) -> list[str]:
+    """The padded-texts table's rows."""
+    lengths = text_lengths(count)
+    best_offline = max(offline(lengths, b) for b in TEXT_SWEEP)
+    rows = []
+    for feed in ("service", "job"):
+        default = _measure(clock, _texts(lengths, feed, target_batch_tokens=32_000))
+        fixed = {b: _measure(clock, _texts(lengths, feed, target_batch_tokens=b)) for b in TEXT_SWEEP}
+        best = max(fixed, key=fixed.__getitem__)
+        tuned = _measure(clock, _texts(lengths, feed, target_batch_tokens=32_000, tune="throughput"))
+        rows.append(
+            f"| {feed} | {default:,.1f} | {fixed[best]:,.1f} ({best:,}) | {best_offline:,.1f} | "
+            f"{tuned:,.1f} ({tuned / fixed[best]:.0%}, {tuned / best_offline:.0%}) | {tuned / default:.1f}x |"
+        )
+    return rows
+
+
 def _loop(clock: str) -> asyncio.AbstractEventLoop:
     if clock == "virtual":
         from tests.conftest import VirtualClockLoop
@@ -104,7 +196,7 @@ def _loop(clock: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def _measure(clock: str, coro: Coroutine[Any, Any, tuple[float, float]]) -> tuple[float, float]:
+def _measure(clock: str, coro: Coroutine[Any, Any, T]) -> T:
     loop = _loop(clock)
     try:
         return loop.run_until_complete(coro)
@@ -116,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     """Print the markdown table (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=6000, help="records per run (default 6000)")
+    parser.add_argument("--texts", type=int, default=2000, help="texts per padded run (default 2000; 0 skips)")
     parser.add_argument("--clock", choices=("virtual", "real"), default="virtual")
     args = parser.parse_args(argv)
     began = time.perf_counter()
@@ -138,8 +231,14 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(
         "\n(percentages: of the best fixed size's records/s over the same span of the run"
-        f" (whole run, or from the 50th batch on); took {time.perf_counter() - began:.1f} s of wall time)"
+        " (whole run, or from the 50th batch on))"
     )
+    if args.texts:
+        print(f"\npadded texts/s, {args.texts} log-uniform texts, simulated CPU encoder, {args.clock} clock\n")
+        print("| feed | default (32,000) | best fixed | offline best | tuned (of best fixed, offline) | vs default |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(texts_table(args.clock, args.texts)))
+    print(f"\n(took {time.perf_counter() - began:.1f} s of wall time)")
 
 
 if __name__ == "__main__":
