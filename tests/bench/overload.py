@@ -74,6 +74,7 @@ import math
 import os
 import platform
 import random
+import selectors
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -144,14 +145,25 @@ class SimulatedModel:
         self.rng = random.Random(seed)
         self.sizes: list[int] = []
         self.busy_until = -math.inf
+        self.busy_s = 0.0
+        """Seconds of batches that began at or after ``measure_from`` (loop time)."""
+        self.measure_from = math.inf
         self.closed = False
+        self.ran: dict[Any, tuple[float, float]] = {}
+        """Per record: when its batch began running, and that batch's noise-free duration."""
 
     async def __call__(self, batch: list[Any]) -> list[Any]:
         if not self.closed:
             self.sizes.append(len(batch))
             now = asyncio.get_running_loop().time()
-            end = max(now, self.busy_until) + self.spec.duration(len(batch), self.rng)
+            begin = max(now, self.busy_until)
+            end = begin + self.spec.duration(len(batch), self.rng)
+            nominal = self.spec.base_s + self.spec.per_record_s * len(batch)
+            for record in batch:
+                self.ran[record] = (begin, nominal)
             self.busy_until = end
+            if begin >= self.measure_from:
+                self.busy_s += end - begin
             await asyncio.sleep(end - now)
         return list(batch)
 
@@ -280,6 +292,8 @@ class Point:
     warmup_arrivals: int = 0
     served: int = 0
     served_late: int = 0
+    late_own_batch: int = 0
+    """Served late, but would have been on time had its batch run at the model's noise-free speed."""
     refused: int = 0
     shed: int = 0
     failed: int = 0
@@ -292,6 +306,8 @@ class Point:
     p99_lower_bound: bool = False
     batches: int = 0
     mean_batch: float = 0.0
+    utilization: float = 0.0
+    """Share of the measured window the model spent running batches that began in it."""
     driver_lag_p99_ms: float = 0.0
     """How late the arrival driver started its clients (a loaded machine shows here)."""
     wall_s: float = 0.0
@@ -393,8 +409,11 @@ async def run_point(
             outcome[i] = _SERVED
             latency[i] = loop.time() - arrived[i]
 
-        tasks: list[asyncio.Task[None]] = []
+        # Only the unfinished clients are held: a finished one is garbage at once, so the collector
+        # does not walk tens of thousands of dead tasks (its pauses would delay every system's arrivals).
+        tasks: set[asyncio.Task[None]] = set()
         start = loop.time() + 0.005
+        model.measure_from = start + warmup
         i = 0
         while i < n:
             now = loop.time()
@@ -405,11 +424,12 @@ async def run_point(
             while i < n and start + offsets[i] <= now:  # every arrival that is due, in order
                 lags.append(now - (start + offsets[i]))
                 arrived[i] = now
-                tasks.append(loop.create_task(client(i)))
+                task = loop.create_task(client(i))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
                 i += 1
-        left = [t for t in tasks if not t.done()]
-        if left:
-            await asyncio.wait(left, timeout=max(0.0, start + warmup + duration + drain - loop.time()))
+        if tasks:
+            await asyncio.wait(set(tasks), timeout=max(0.0, start + warmup + duration + drain - loop.time()))
         cut = True
         now = loop.time()
         for j in range(n):
@@ -417,9 +437,10 @@ async def run_point(
                 outcome[j] = _CUT
                 latency[j] = now - arrived[j]
         model.closed = True
-        for task in tasks:
+        left = list(tasks)
+        for task in left:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*left, return_exceptions=True)
 
     point = Point(
         system=system.key,
@@ -434,7 +455,8 @@ async def run_point(
     )
     accepted: list[tuple[float, bool]] = []
     on_time = 0
-    for o, lat in zip(outcome[first:], latency[first:], strict=True):
+    for i in range(first, n):
+        o, lat = outcome[i], latency[i]
         if o == _SERVED:
             point.served += 1
             accepted.append((lat, False))
@@ -442,6 +464,9 @@ async def run_point(
                 on_time += 1
             else:
                 point.served_late += 1
+                begin, nominal = model.ran.get(i, (math.inf, 0.0))
+                if begin - arrived[i] + nominal <= target_s:
+                    point.late_own_batch += 1
         elif o == _REFUSED:
             point.refused += 1
         elif o == _SHED_:
@@ -457,6 +482,7 @@ async def run_point(
     point.p99_ms, point.p99_lower_bound = _nearest_rank(accepted, 0.99)
     point.p50_ms *= 1e3
     point.p99_ms *= 1e3
+    point.utilization = model.busy_s / duration
     point.batches = len(model.sizes)
     point.mean_batch = sum(model.sizes) / len(model.sizes) if model.sizes else 0.0
     lags.sort()
@@ -478,6 +504,67 @@ class Settings:
     models: tuple[str, ...] = ("clean", "noisy")
     target_s: float = TARGET_S
     seed: int = 1
+    clock: str = "real"
+    """``"real"``, or ``"virtual"``: the test suite's virtual clock (exact timing, no event-loop cost)."""
+
+
+PEER_CLOCK_MODULES = ("bentoml._internal.marshal.dispatcher", "ray.serve.batching", "flyte.extras._dynamic_batcher")
+"""The peers' modules that read wall-clock time; on the virtual clock they read the loop's instead."""
+
+
+class _LoopTime:
+    """Stands in for the ``time`` module in a peer's module: its clocks read the running loop's time."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def time() -> float:
+        return asyncio.get_event_loop().time()
+
+    monotonic = perf_counter = time
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    """Never sleeps: when nothing is ready it moves the loop's clock to the next timer."""
+
+    def __init__(self, loop: _VirtualLoop) -> None:
+        super().__init__()
+        self._loop = loop
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        events = super().select(0)
+        if not events and timeout:
+            self._loop.now += timeout
+        return events
+
+
+class _VirtualLoop(asyncio.SelectorEventLoop):
+    """The virtual clock of ``tests/conftest.py`` (without pytest, which the peers' environment lacks)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        super().__init__(selector=_JumpingSelector(self))
+
+    def time(self) -> float:
+        return self.now
+
+
+def _run_on(clock: str, coro: Any) -> Point:
+    """Run one point on a fresh event loop: the real one, or the virtual clock with the peers' clocks on it."""
+    if clock == "real":
+        return asyncio.run(coro)
+    patched = [sys.modules[name] for name in PEER_CLOCK_MODULES if name in sys.modules]
+    saved = [module.time for module in patched]
+    loop = _VirtualLoop()
+    try:
+        for module in patched:
+            module.time = _LoopTime()
+        return loop.run_until_complete(coro)
+    finally:
+        for module, original in zip(patched, saved, strict=True):
+            module.time = original
+        loop.close()
 
 
 def run(
@@ -494,7 +581,8 @@ def run(
         for k, load in enumerate(settings.loads):
             for system in live:
                 gc.collect()
-                point = asyncio.run(
+                point = _run_on(
+                    settings.clock,
                     run_point(
                         system,
                         spec,
@@ -510,8 +598,9 @@ def run(
                 log(
                     f"  {name} {load:>4g}x {system.label:<34} goodput {point.goodput_rps:7,.0f}/s  "
                     f"p99 {_ms(point.p99_ms, point.p99_lower_bound):>8}  "
-                    f"rejected {_pct(point.rejected, point.arrivals):>6}  late {point.served_late:>6,}  "
-                    f"cut {point.cut:>6,}  lag {point.driver_lag_p99_ms:5.1f} ms  ({point.wall_s:.1f} s)"
+                    f"rejected {_pct(point.rejected, point.arrivals):>6}  late {point.served_late:>5,} ({point.late_own_batch:,} own)  "
+                    f"cut {point.cut:>6,}  busy {point.utilization:4.0%}  batch {point.mean_batch:5.1f}  "
+                    f"lag {point.driver_lag_p99_ms:5.1f} ms  ({point.wall_s:.1f} s)"
                 )
     return points
 
@@ -695,6 +784,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", help="comma-separated keys (default: every available one)")
     parser.add_argument("--target-ms", type=float, default=TARGET_S * 1e3, help="latency target (default 60)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--clock",
+        choices=("real", "virtual"),
+        default="real",
+        help="virtual: the test suite's virtual clock, exact timing for iterating on policy (not for the page)",
+    )
     parser.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     parser.add_argument("--plot", metavar="FILE", help="write goodput vs load as a PNG (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -720,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         models=models,
         target_s=target_s,
         seed=args.seed,
+        clock=args.clock,
     )
 
     wanted = [k.strip() for k in (args.systems or "").split(",") if k.strip()]
