@@ -76,8 +76,22 @@ if TYPE_CHECKING:
 MARGIN = 0.5
 """Predicted durations are multiplied by ``1 + MARGIN * fit_error`` (at most ``1 + MAX_MARGIN``)."""
 MAX_MARGIN = 1.0
+QUANTILE = 0.9
+"""Once ``QUANTILE_BATCHES`` batches ran after the warm-up, predictions are the model's times this quantile
+of its recent batches' durations over their predictions: planned as slow as one batch in ten runs."""
+QUANTILE_BATCHES = 16
 PACKING_ALPHA = 0.2
 """Weight of the last batch in the running mean of how padded ``similar_cost`` batches are."""
+
+
+def _scaled(fit: DurationFit, scale: float) -> DurationFit:
+    """``fit``'s coefficients times ``scale``."""
+    return DurationFit(
+        intercept_s=fit.intercept_s * scale,
+        per_record_s=fit.per_record_s * scale,
+        per_cost_s=fit.per_cost_s * scale,
+        per_cost_squared_s=fit.per_cost_squared_s * scale,
+    )
 
 
 class LatencyTarget(Admission):
@@ -129,13 +143,9 @@ class LatencyTarget(Admission):
     def _learn(self) -> None:
         """Adopt the model's current fit."""
         fit = self.model.fit
-        scale = 1.0 + min(MARGIN * fit.fit_error, MAX_MARGIN)
-        self._scaled = DurationFit(
-            intercept_s=fit.intercept_s * scale,
-            per_record_s=fit.per_record_s * scale,
-            per_cost_s=fit.per_cost_s * scale,
-            per_cost_squared_s=fit.per_cost_squared_s * scale,
-        )
+        mean = 1.0 + min(MARGIN * fit.fit_error, MAX_MARGIN)
+        slow = self.model.ratio_quantile(QUANTILE, QUANTILE_BATCHES)
+        self._scaled = _scaled(fit, mean if slow is None else min(max(slow, 1.0), 1.0 + MAX_MARGIN))
         self._known, self._ready = fit.samples > 0, fit.ready
         self._plan = None
 

@@ -90,6 +90,8 @@ from ._peers_overload import Adapter, Opener, ProcessFn, Submit, probe
 TARGET_S = 0.060
 LOADS = (0.25, 0.5, 0.9, 1.2, 2.0, 4.0)
 CAPACITY_BATCH = 64
+STRAGGLER_SEEN = 3.0
+"""A batch slower than this many times its noise-free duration is counted as a straggler (jitter alone: ~1e-5)."""
 """The batch size at which the model's throughput is its capacity at the target."""
 
 # --------------------------------------------------------------------- the model
@@ -137,6 +139,25 @@ MODELS = {
 }
 
 
+SPIN_S = 0.0015
+"""The simulated model's last stretch of each batch that it waits for by yielding, not by a timer."""
+
+
+async def _until(loop: asyncio.AbstractEventLoop, when: float) -> None:
+    """Return at loop time ``when``, to within one pass of the event loop.
+
+    ``asyncio.sleep`` wakes up to a millisecond late on the real clock (``epoll``
+    rounds its timeout up to whole milliseconds): that would idle the simulated
+    model ~1 ms between batches, a cost of the harness, not of the system under
+    test (a model run in a thread wakes the loop at once).  So the last
+    ``SPIN_S`` are waited by yielding to the loop, pass after pass.
+    """
+    if when - loop.time() > SPIN_S:
+        await asyncio.sleep(when - loop.time() - SPIN_S)
+    while loop.time() < when:
+        await asyncio.sleep(0)
+
+
 class SimulatedModel:
     """One serial accelerator following a [ModelSpec][]; ``closed`` makes it instant."""
 
@@ -145,26 +166,38 @@ class SimulatedModel:
         self.rng = random.Random(seed)
         self.sizes: list[int] = []
         self.busy_until = -math.inf
-        self.busy_s = 0.0
-        """Seconds of batches that began at or after ``measure_from`` (loop time)."""
         self.measure_from = math.inf
+        """Loop time from which batches are measured (the end of the warm-up)."""
+        self.busy_s = 0.0
+        """Seconds of batches that began at or after ``measure_from``."""
+        self.idle_s = 0.0
+        """Seconds the model sat idle between two measured batches, and how many such gaps."""
+        self.gaps = 0
         self.closed = False
-        self.ran: dict[Any, tuple[float, float]] = {}
-        """Per record: when its batch began running, and that batch's noise-free duration."""
+        self.ran: dict[Any, tuple[float, float, float]] = {}
+        """Per record: when its batch began running, that batch's noise-free duration, and its duration."""
 
     async def __call__(self, batch: list[Any]) -> list[Any]:
         if not self.closed:
             self.sizes.append(len(batch))
-            now = asyncio.get_running_loop().time()
+            loop = asyncio.get_running_loop()
+            now = loop.time()
             begin = max(now, self.busy_until)
-            end = begin + self.spec.duration(len(batch), self.rng)
+            if begin >= self.measure_from and self.busy_until >= self.measure_from:
+                self.idle_s += begin - self.busy_until
+                self.gaps += 1
+            seconds = self.spec.duration(len(batch), self.rng)
+            end = begin + seconds
             nominal = self.spec.base_s + self.spec.per_record_s * len(batch)
             for record in batch:
-                self.ran[record] = (begin, nominal)
+                self.ran[record] = (begin, nominal, seconds)
             self.busy_until = end
             if begin >= self.measure_from:
                 self.busy_s += end - begin
-            await asyncio.sleep(end - now)
+            if isinstance(loop, _VirtualLoop):
+                await asyncio.sleep(end - now)
+            else:
+                await _until(loop, end)
         return list(batch)
 
 
@@ -294,6 +327,8 @@ class Point:
     served_late: int = 0
     late_own_batch: int = 0
     """Served late, but would have been on time had its batch run at the model's noise-free speed."""
+    late_straggler: int = 0
+    """Of ``late_own_batch``: its batch was a straggler (ran over ``STRAGGLER_SEEN`` times its noise-free duration)."""
     refused: int = 0
     shed: int = 0
     failed: int = 0
@@ -307,6 +342,10 @@ class Point:
     batches: int = 0
     mean_batch: float = 0.0
     utilization: float = 0.0
+    idle_gap_ms: float = 0.0
+    """Mean time the model sat idle from the end of one batch to the start of the next (measured window)."""
+    cpu_share: float = 0.0
+    """CPU seconds of the whole process (harness and system) per wall second of the point."""
     """Share of the measured window the model spent running batches that began in it."""
     driver_lag_p99_ms: float = 0.0
     """How late the arrival driver started its clients (a loaded machine shows here)."""
@@ -370,7 +409,7 @@ async def run_point(
     lags: list[float] = []
     errors: list[str] = []
     cut = False
-    wall0 = time.perf_counter()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
 
     async with system.open(model, target_s) as adapter:
         submit, refused, shed = adapter.submit, adapter.refused, adapter.shed
@@ -464,9 +503,11 @@ async def run_point(
                 on_time += 1
             else:
                 point.served_late += 1
-                begin, nominal = model.ran.get(i, (math.inf, 0.0))
+                begin, nominal, seconds = model.ran.get(i, (math.inf, 0.0, 0.0))
                 if begin - arrived[i] + nominal <= target_s:
                     point.late_own_batch += 1
+                    if seconds > STRAGGLER_SEEN * nominal:
+                        point.late_straggler += 1
         elif o == _REFUSED:
             point.refused += 1
         elif o == _SHED_:
@@ -483,6 +524,8 @@ async def run_point(
     point.p50_ms *= 1e3
     point.p99_ms *= 1e3
     point.utilization = model.busy_s / duration
+    point.idle_gap_ms = 1e3 * model.idle_s / model.gaps if model.gaps else 0.0
+    point.cpu_share = (time.process_time() - cpu0) / point.wall_s
     point.batches = len(model.sizes)
     point.mean_batch = sum(model.sizes) / len(model.sizes) if model.sizes else 0.0
     lags.sort()
@@ -598,8 +641,9 @@ def run(
                 log(
                     f"  {name} {load:>4g}x {system.label:<34} goodput {point.goodput_rps:7,.0f}/s  "
                     f"p99 {_ms(point.p99_ms, point.p99_lower_bound):>8}  "
-                    f"rejected {_pct(point.rejected, point.arrivals):>6}  late {point.served_late:>5,} ({point.late_own_batch:,} own)  "
+                    f"rejected {_pct(point.rejected, point.arrivals):>6}  late {point.served_late:>5,} ({point.late_own_batch:,} own, {point.late_straggler:,} stragglers)  "
                     f"cut {point.cut:>6,}  busy {point.utilization:4.0%}  batch {point.mean_batch:5.1f}  "
+                    f"gap {point.idle_gap_ms:4.2f} ms  cpu {point.cpu_share:4.0%}  "
                     f"lag {point.driver_lag_p99_ms:5.1f} ms  ({point.wall_s:.1f} s)"
                 )
     return points
