@@ -37,9 +37,16 @@ A keyed batcher's next batch is one key's: rule 1 looks at the records of the
 key that goes next (``in_order(next_only=True)``), and the cap applies to
 that key's batch.
 
-Predictions are inflated by ``1 + MARGIN * fit_error`` (the model's typical
-relative error), and each due time is moved ``GUARD`` of the target earlier,
-for the event loop's own delays: so a noisy model is given room.
+Predictions are planned as slow as one batch in ten runs: the model's
+prediction times the 90th percentile (``QUANTILE``) of recent batches'
+durations over their predictions (``DurationModel.ratio_quantile``), once 16
+batches ran after the warm-up; before, times ``1 + MARGIN * fit_error`` (the
+model's typical relative error).  A record is late only if its own batch
+overruns (the ones queued behind a slow batch are given up on, not served
+late), so the mean's margin leaves the slow tenth of the batches to make their
+oldest records late; the quantile leaves them room, at the price of smaller
+batches on a noisy model.  Each due time is also moved ``GUARD`` of the
+target earlier, for the event loop's own delays.
 
 *Warm-up.*  Until the first batch the model knows nothing: no cap, nothing
 refused or dropped.  From the first batch predictions cap batches and drop

@@ -164,6 +164,16 @@ def section(data: dict[str, Any], source: str, model: dict[str, Any] | None, mod
                 )
             md.append(f"| {load:g}x | " + " | ".join(cells) + " |")
         md.append("")
+        md += _causes(by, loads, labels)
+    lags = [p["driver_lag_p99_ms"] for p in data["points"]]
+    if lags and data["points"][0].get("late_own_batch") is not None:
+        md += [
+            f"The harness kept up: the arrival driver started its clients at most {max(lags):.1f} ms late (p99, "
+            "worst point), so the arrivals were on time at every load and the p99s measure the batchers. "
+            "The simulated model wakes within one pass of the event loop at each batch's end (not on "
+            "asyncio's millisecond-rounded timer), for every system alike.",
+            "",
+        ]
     md += ["Systems:", ""]
     md += [f"- {s['label']}: {s['note']}" for s in data["systems"] if s["available"]]
     md += [f"- {s['label']}: not run ({s['missing']})" for s in data["systems"] if not s["available"]]
@@ -171,6 +181,27 @@ def section(data: dict[str, Any], source: str, model: dict[str, Any] | None, mod
     if model is not None and model_source is not None:
         md += model_lines(model, model_source)
     return md
+
+
+def _causes(by: dict[tuple[str, float], Any], loads: list[float], labels: dict[str, str]) -> list[str]:
+    """Why ours served records late, per load: its own batch ran slow (a straggler, or not), or it started late."""
+    rows = [
+        (load, p)
+        for load in loads
+        if (p := by.get((OURS, load))) is not None and p.get("late_own_batch") is not None and p["served_late"]
+    ]
+    if not rows:
+        return []
+    parts = [
+        f"{load:g}x: {p['served_late']:,} of {p['served']:,} ({p['served_late'] / p['served']:.1%}), "
+        f"{p['late_own_batch']:,} in a batch that ran slow ({p['late_straggler']:,} of them a straggler)"
+        for load, p in rows
+    ]
+    return [
+        f"Records {labels[OURS]} served late, and why: " + "; ".join(parts) + ". The rest started too late "
+        "(behind a batch that overran) and would have been late even at the model's noise-free speed.",
+        "",
+    ]
 
 
 def model_lines(model: dict[str, Any], source: str) -> list[str]:
