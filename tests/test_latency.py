@@ -29,14 +29,18 @@ TARGET = 0.1
 class Model:
     """``process_fn``: ``BASE + PER * cost`` seconds per batch (each record's cost is its value's ``cost``)."""
 
-    def __init__(self, *, slow: float = 1.0, noise: random.Random | None = None) -> None:
+    def __init__(self, *, slow: float = 1.0, noise: random.Random | None = None, cycle: tuple[float, ...] = ()) -> None:
         self.batches: list[tuple[float, list[Any]]] = []
         self.slow = slow
         self.noise = noise
+        self.cycle = cycle
+        """Factors on the batches' durations, in turn (a model some of whose batches run slow)."""
 
     async def __call__(self, batch: list[Any]) -> list[Any]:
         self.batches.append((asyncio.get_running_loop().time(), list(batch)))
         seconds = (BASE + PER * len(batch)) * self.slow
+        if self.cycle:
+            seconds *= self.cycle[len(self.batches) % len(self.cycle)]
         if self.noise is not None:
             seconds *= self.noise.lognormvariate(0, 0.2)
         await asyncio.sleep(seconds)
@@ -336,6 +340,38 @@ async def test_the_target_follows_a_change_of_speed() -> None:
         late = await overload(batcher, rate=1_000, seconds=1.0)
     assert late["served"]
     assert max(late["served"]) <= TARGET
+
+
+def test_ratio_quantile_reads_recent_durations_over_their_predictions() -> None:
+    model = DurationModel(warmup=4)
+    for i in range(4):  # the warm-up: exactly 10 ms + 1 ms per record
+        model.observe(i + 1, i + 1, BASE + PER * (i + 1), float(i))
+    assert model.ratio_quantile(0.9) is None  # nothing run since the warm-up
+    for i in range(100):  # one batch in ten 50% slower than predicted
+        model.observe(10, 10, (BASE + PER * 10) * (1.5 if i % 10 == 9 else 1.0), float(i + 4))
+    assert model.ratio_quantile(0.9, least=101) is None
+    assert model.ratio_quantile(0.5) == pytest.approx(1.0, abs=0.02)
+    assert model.ratio_quantile(0.95) == pytest.approx(1.5, rel=0.05)
+    assert model.ratio_quantile(1.0) == pytest.approx(1.5, rel=0.05)
+    with pytest.raises(ValueError, match="q"):
+        model.ratio_quantile(1.5)
+
+
+@pytest.mark.asyncio
+async def test_batches_leave_room_for_the_slow_ones_the_recent_durations_show() -> None:
+    # One batch in five runs 40% slow: the mean's margin (fit_error ~10%) would let those batches
+    # end past their oldest records' deadlines; planned at the 90th percentile, they end in time.
+    model = Model(cycle=(1.0, 1.0, 1.0, 1.0, 1.4))
+    async with DynamicBatcher(model, dispatch="eager", latency_target_s=TARGET) as batcher:
+        await warm_up(batcher)
+        await overload(batcher, rate=2_000, seconds=1.0)  # enough batches to read the quantile from
+        learned = len(model.batches)
+        out = await overload(batcher, rate=2_000, seconds=2.0)
+    served = out["served"]
+    assert len(model.batches) - learned > 20
+    assert max(served) <= TARGET
+    # Batches of ~30 (predicted 40 ms at 1.0, 56 ms at 1.4): some 600 records/s.
+    assert len(served) / 2.0 > 500
 
 
 # --------------------------------------------------------------------- nothing is lost

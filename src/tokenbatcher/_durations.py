@@ -40,6 +40,7 @@ RESIDUALS = 32  # recent residuals behind the error scale and `fit_error`
 CUSUM_SLACK, CUSUM_CLIP, CUSUM_ALARM = 0.5, 2.0, 8.0  # in error scales; clipping keeps outliers from adding up
 SHIFT_RUN = 6  # recent batches taken as the new speed after a shift (CUSUM_ALARM / (CUSUM_CLIP - CUSUM_SLACK))
 SHIFT_KEEP = 0.25  # share of the old evidence kept, rescaled to the new speed, after a shift
+RATIOS = 128  # recent batches behind `ratio_quantile`
 
 _Batch = tuple[tuple[float, ...], float]  # features (1, n, c, c**2) and duration
 
@@ -130,6 +131,7 @@ class DurationModel:
         self._g = [0.0] * 4  # sum of weight * z * duration
         self._weight = self._count = 0.0  # sum of weights; the same in batches (1 per fully trusted one)
         self._residuals: deque[float] = deque(maxlen=RESIDUALS)
+        self._ratios: deque[float] = deque(maxlen=RATIOS)  # duration over its prediction, since the warm-up
         self._recent: deque[tuple[_Batch, float, float]] = deque(maxlen=SHIFT_RUN)  # and weight, precision
         self._high = self._low = 0.0  # the shift detector's CUSUMs
         self._early: list[_Batch] = []
@@ -140,6 +142,32 @@ class DurationModel:
     def fit(self) -> DurationFit:
         """The current snapshot (immutable; each batch replaces it)."""
         return self._fit
+
+    def ratio_quantile(self, q: float, least: int = 1) -> float | None:
+        """The ``q``-quantile of recent batches' durations over their predictions (made before each ran).
+
+        Over the last ``RATIOS`` (128) batches since the warm-up (or the last
+        change of speed): 1.3 at ``q=0.9`` means one batch in ten took 30% longer
+        than predicted, or more.  Planning with the prediction times this leaves
+        room for slow batches that the mean (``fit_error``) does not.
+
+        Args:
+            q: The quantile, in ``[0, 1]``.
+            least: The fewest batches to answer from.
+
+        Returns:
+            The quantile (linear between order statistics), or None with fewer than ``least`` batches.
+        """
+        q = check_number(q, "q")
+        if q > 1:
+            raise ValueError(f"q must be in [0, 1], got {q!r}")
+        ordered = sorted(self._ratios)
+        if len(ordered) < max(1, least):
+            return None
+        position = q * (len(ordered) - 1)
+        low = int(position)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
     def observe(self, size: int, cost: float, duration_s: float, now: float) -> None:
         """Learn from one finished batch.
@@ -174,6 +202,8 @@ class DurationModel:
                 shifted = max(self._high, self._low) > CUSUM_ALARM
         if fit.samples:
             self._residuals.append(abs(residual))
+        if fit.ready:
+            self._ratios.append(y / _reference(guess))
         self._discount(self._decay)
         self._add(z, y, weight, precision)
         self._recent.append(((z, y), weight, precision))
@@ -199,6 +229,7 @@ class DurationModel:
         self._high = self._low = 0.0
         self._recent.clear()
         self._residuals.clear()
+        self._ratios.clear()
 
     def _restart(self) -> None:
         """End of the warm-up: refit its batches together, leaving out up to a quarter as outliers.

@@ -37,9 +37,16 @@ A keyed batcher's next batch is one key's: rule 1 looks at the records of the
 key that goes next (``in_order(next_only=True)``), and the cap applies to
 that key's batch.
 
-Predictions are inflated by ``1 + MARGIN * fit_error`` (the model's typical
-relative error), and each due time is moved ``GUARD`` of the target earlier,
-for the event loop's own delays: so a noisy model is given room.
+Predictions are planned as slow as one batch in ten runs: the model's
+prediction times the 90th percentile (``QUANTILE``) of recent batches'
+durations over their predictions (``DurationModel.ratio_quantile``), once 16
+batches ran after the warm-up; before, times ``1 + MARGIN * fit_error`` (the
+model's typical relative error).  A record is late only if its own batch
+overruns (the ones queued behind a slow batch are given up on, not served
+late), so the mean's margin leaves the slow tenth of the batches to make their
+oldest records late; the quantile leaves them room, at the price of smaller
+batches on a noisy model.  Each due time is also moved ``GUARD`` of the
+target earlier, for the event loop's own delays.
 
 *Warm-up.*  Until the first batch the model knows nothing: no cap, nothing
 refused or dropped.  From the first batch predictions cap batches and drop
@@ -76,8 +83,22 @@ if TYPE_CHECKING:
 MARGIN = 0.5
 """Predicted durations are multiplied by ``1 + MARGIN * fit_error`` (at most ``1 + MAX_MARGIN``)."""
 MAX_MARGIN = 1.0
+QUANTILE = 0.9
+"""Once ``QUANTILE_BATCHES`` batches ran after the warm-up, predictions are the model's times this quantile
+of its recent batches' durations over their predictions: planned as slow as one batch in ten runs."""
+QUANTILE_BATCHES = 16
 PACKING_ALPHA = 0.2
 """Weight of the last batch in the running mean of how padded ``similar_cost`` batches are."""
+
+
+def _scaled(fit: DurationFit, scale: float) -> DurationFit:
+    """``fit``'s coefficients times ``scale``."""
+    return DurationFit(
+        intercept_s=fit.intercept_s * scale,
+        per_record_s=fit.per_record_s * scale,
+        per_cost_s=fit.per_cost_s * scale,
+        per_cost_squared_s=fit.per_cost_squared_s * scale,
+    )
 
 
 class LatencyTarget(Admission):
@@ -129,13 +150,9 @@ class LatencyTarget(Admission):
     def _learn(self) -> None:
         """Adopt the model's current fit."""
         fit = self.model.fit
-        scale = 1.0 + min(MARGIN * fit.fit_error, MAX_MARGIN)
-        self._scaled = DurationFit(
-            intercept_s=fit.intercept_s * scale,
-            per_record_s=fit.per_record_s * scale,
-            per_cost_s=fit.per_cost_s * scale,
-            per_cost_squared_s=fit.per_cost_squared_s * scale,
-        )
+        mean = 1.0 + min(MARGIN * fit.fit_error, MAX_MARGIN)
+        slow = self.model.ratio_quantile(QUANTILE, QUANTILE_BATCHES)
+        self._scaled = _scaled(fit, mean if slow is None else min(max(slow, 1.0), 1.0 + MAX_MARGIN))
         self._known, self._ready = fit.samples > 0, fit.ready
         self._plan = None
 

@@ -36,6 +36,18 @@ The harness (identical for every system)
   A cut record is at least ``drain`` late (> target), so goodput is exact; it
   enters the percentiles with its age at the cut as a lower bound (shown
   ``>=``).
+* The driver holds only the unfinished clients: tens of thousands of
+  finished tasks kept to the end made the garbage collector's pauses delay
+  the arrivals (at 4x, an arrival lag p99 of 83 ms before this was fixed).
+  The arrival lag (how late the driver started each client, p99) is
+  reported per point.
+* The simulated model waits out each batch's last ``SPIN_S`` (1.5 ms) by
+  yielding to the loop rather than on a timer: asyncio's timers wake up to a
+  millisecond late (``epoll`` rounds up), which would idle the model ~1 ms
+  between batches, a cost of the harness rather than of the system.
+* ``--clock virtual`` runs every point on a virtual clock (the test suite's,
+  and the peers' ``time`` reads it): exact timing and no event-loop cost,
+  for iterating on policy; the page's figures come from the real clock.
 * Each record ends as exactly one of: served (on time or late), refused at
   submit, shed (accepted, then failed with a timeout or overload error),
   failed (any other error, or a wrong result: a bug) or cut.
@@ -74,6 +86,7 @@ import math
 import os
 import platform
 import random
+import selectors
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -89,6 +102,8 @@ from ._peers_overload import Adapter, Opener, ProcessFn, Submit, probe
 TARGET_S = 0.060
 LOADS = (0.25, 0.5, 0.9, 1.2, 2.0, 4.0)
 CAPACITY_BATCH = 64
+STRAGGLER_SEEN = 3.0
+"""A batch slower than this many times its noise-free duration is counted as a straggler (jitter alone: ~1e-5)."""
 """The batch size at which the model's throughput is its capacity at the target."""
 
 # --------------------------------------------------------------------- the model
@@ -136,6 +151,25 @@ MODELS = {
 }
 
 
+SPIN_S = 0.0015
+"""The simulated model's last stretch of each batch that it waits for by yielding, not by a timer."""
+
+
+async def _until(loop: asyncio.AbstractEventLoop, when: float) -> None:
+    """Return at loop time ``when``, to within one pass of the event loop.
+
+    ``asyncio.sleep`` wakes up to a millisecond late on the real clock (``epoll``
+    rounds its timeout up to whole milliseconds): that would idle the simulated
+    model ~1 ms between batches, a cost of the harness, not of the system under
+    test (a model run in a thread wakes the loop at once).  So the last
+    ``SPIN_S`` are waited by yielding to the loop, pass after pass.
+    """
+    if when - loop.time() > SPIN_S:
+        await asyncio.sleep(when - loop.time() - SPIN_S)
+    while loop.time() < when:  # noqa: ASYNC110 -- polling the clock is the point: no event fires at ``when``
+        await asyncio.sleep(0)
+
+
 class SimulatedModel:
     """One serial accelerator following a [ModelSpec][]; ``closed`` makes it instant."""
 
@@ -144,15 +178,39 @@ class SimulatedModel:
         self.rng = random.Random(seed)
         self.sizes: list[int] = []
         self.busy_until = -math.inf
+        self.measure_from = self.measure_to = math.inf
+        """Loop times between which batches are measured (the arrival window after the warm-up)."""
+        self.busy_s = 0.0
+        """Seconds of the batches that began between ``measure_from`` and ``measure_to``."""
+        self.idle_s = 0.0
+        """Seconds the model sat idle between two measured batches, and how many such gaps."""
+        self.gaps = 0
         self.closed = False
+        self.ran: dict[Any, tuple[float, float, float]] = {}
+        """Per record: when its batch began running, that batch's noise-free duration, and its duration."""
 
     async def __call__(self, batch: list[Any]) -> list[Any]:
         if not self.closed:
             self.sizes.append(len(batch))
-            now = asyncio.get_running_loop().time()
-            end = max(now, self.busy_until) + self.spec.duration(len(batch), self.rng)
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            begin = max(now, self.busy_until)
+            measured = self.measure_from <= begin < self.measure_to
+            if measured and self.busy_until >= self.measure_from:
+                self.idle_s += begin - self.busy_until
+                self.gaps += 1
+            seconds = self.spec.duration(len(batch), self.rng)
+            end = begin + seconds
+            nominal = self.spec.base_s + self.spec.per_record_s * len(batch)
+            for record in batch:
+                self.ran[record] = (begin, nominal, seconds)
             self.busy_until = end
-            await asyncio.sleep(end - now)
+            if measured:
+                self.busy_s += end - begin
+            if type(loop).time is not asyncio.BaseEventLoop.time:  # a virtual clock: timers are exact
+                await asyncio.sleep(end - now)
+            else:
+                await _until(loop, end)
         return list(batch)
 
 
@@ -280,6 +338,10 @@ class Point:
     warmup_arrivals: int = 0
     served: int = 0
     served_late: int = 0
+    late_own_batch: int = 0
+    """Served late, but would have been on time had its batch run at the model's noise-free speed."""
+    late_straggler: int = 0
+    """Of ``late_own_batch``: its batch was a straggler (ran over ``STRAGGLER_SEEN`` times its noise-free duration)."""
     refused: int = 0
     shed: int = 0
     failed: int = 0
@@ -292,6 +354,12 @@ class Point:
     p99_lower_bound: bool = False
     batches: int = 0
     mean_batch: float = 0.0
+    utilization: float = 0.0
+    idle_gap_ms: float = 0.0
+    """Mean time the model sat idle from the end of one batch to the start of the next (measured window)."""
+    cpu_share: float = 0.0
+    """CPU seconds of the whole process (harness and system) per wall second of the point."""
+    """Share of the measured window the model spent running batches that began in it."""
     driver_lag_p99_ms: float = 0.0
     """How late the arrival driver started its clients (a loaded machine shows here)."""
     wall_s: float = 0.0
@@ -354,7 +422,7 @@ async def run_point(
     lags: list[float] = []
     errors: list[str] = []
     cut = False
-    wall0 = time.perf_counter()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
 
     async with system.open(model, target_s) as adapter:
         submit, refused, shed = adapter.submit, adapter.refused, adapter.shed
@@ -393,8 +461,11 @@ async def run_point(
             outcome[i] = _SERVED
             latency[i] = loop.time() - arrived[i]
 
-        tasks: list[asyncio.Task[None]] = []
+        # Only the unfinished clients are held: a finished one is garbage at once, so the collector
+        # does not walk tens of thousands of dead tasks (its pauses would delay every system's arrivals).
+        tasks: set[asyncio.Task[None]] = set()
         start = loop.time() + 0.005
+        model.measure_from, model.measure_to = start + warmup, start + warmup + duration
         i = 0
         while i < n:
             now = loop.time()
@@ -405,11 +476,12 @@ async def run_point(
             while i < n and start + offsets[i] <= now:  # every arrival that is due, in order
                 lags.append(now - (start + offsets[i]))
                 arrived[i] = now
-                tasks.append(loop.create_task(client(i)))
+                task = loop.create_task(client(i))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
                 i += 1
-        left = [t for t in tasks if not t.done()]
-        if left:
-            await asyncio.wait(left, timeout=max(0.0, start + warmup + duration + drain - loop.time()))
+        if tasks:
+            await asyncio.wait(set(tasks), timeout=max(0.0, start + warmup + duration + drain - loop.time()))
         cut = True
         now = loop.time()
         for j in range(n):
@@ -417,9 +489,10 @@ async def run_point(
                 outcome[j] = _CUT
                 latency[j] = now - arrived[j]
         model.closed = True
-        for task in tasks:
+        left = list(tasks)
+        for task in left:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*left, return_exceptions=True)
 
     point = Point(
         system=system.key,
@@ -434,7 +507,8 @@ async def run_point(
     )
     accepted: list[tuple[float, bool]] = []
     on_time = 0
-    for o, lat in zip(outcome[first:], latency[first:], strict=True):
+    for i in range(first, n):
+        o, lat = outcome[i], latency[i]
         if o == _SERVED:
             point.served += 1
             accepted.append((lat, False))
@@ -442,6 +516,11 @@ async def run_point(
                 on_time += 1
             else:
                 point.served_late += 1
+                begin, nominal, seconds = model.ran.get(i, (math.inf, 0.0, 0.0))
+                if begin - arrived[i] + nominal <= target_s:
+                    point.late_own_batch += 1
+                    if seconds > STRAGGLER_SEEN * nominal:
+                        point.late_straggler += 1
         elif o == _REFUSED:
             point.refused += 1
         elif o == _SHED_:
@@ -457,9 +536,12 @@ async def run_point(
     point.p99_ms, point.p99_lower_bound = _nearest_rank(accepted, 0.99)
     point.p50_ms *= 1e3
     point.p99_ms *= 1e3
+    point.utilization = model.busy_s / duration
+    point.idle_gap_ms = 1e3 * model.idle_s / model.gaps if model.gaps else 0.0
+    point.cpu_share = (time.process_time() - cpu0) / point.wall_s
     point.batches = len(model.sizes)
     point.mean_batch = sum(model.sizes) / len(model.sizes) if model.sizes else 0.0
-    lags.sort()
+    lags = sorted(lags[first:])  # the measured arrivals'
     point.driver_lag_p99_ms = _nearest_rank([(x, False) for x in lags], 0.99)[0] * 1e3 if lags else 0.0
     return point
 
@@ -478,6 +560,67 @@ class Settings:
     models: tuple[str, ...] = ("clean", "noisy")
     target_s: float = TARGET_S
     seed: int = 1
+    clock: str = "real"
+    """``"real"``, or ``"virtual"``: the test suite's virtual clock (exact timing, no event-loop cost)."""
+
+
+PEER_CLOCK_MODULES = ("bentoml._internal.marshal.dispatcher", "ray.serve.batching", "flyte.extras._dynamic_batcher")
+"""The peers' modules that read wall-clock time; on the virtual clock they read the loop's instead."""
+
+
+class _LoopTime:
+    """Stands in for the ``time`` module in a peer's module: its clocks read the running loop's time."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def time() -> float:
+        return asyncio.get_event_loop().time()
+
+    monotonic = perf_counter = time
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    """Never sleeps: when nothing is ready it moves the loop's clock to the next timer."""
+
+    def __init__(self, loop: _VirtualLoop) -> None:
+        super().__init__()
+        self._loop = loop
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        events = super().select(0)
+        if not events and timeout:
+            self._loop.now += timeout
+        return events
+
+
+class _VirtualLoop(asyncio.SelectorEventLoop):
+    """The virtual clock of ``tests/conftest.py`` (without pytest, which the peers' environment lacks)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        super().__init__(selector=_JumpingSelector(self))
+
+    def time(self) -> float:
+        return self.now
+
+
+def _run_on(clock: str, coro: Any) -> Point:
+    """Run one point on a fresh event loop: the real one, or the virtual clock with the peers' clocks on it."""
+    if clock == "real":
+        return asyncio.run(coro)
+    patched = [sys.modules[name] for name in PEER_CLOCK_MODULES if name in sys.modules]
+    saved = [module.time for module in patched]
+    loop = _VirtualLoop()
+    try:
+        for module in patched:
+            module.time = _LoopTime()
+        return loop.run_until_complete(coro)
+    finally:
+        for module, original in zip(patched, saved, strict=True):
+            module.time = original
+        loop.close()
 
 
 def run(
@@ -494,7 +637,8 @@ def run(
         for k, load in enumerate(settings.loads):
             for system in live:
                 gc.collect()
-                point = asyncio.run(
+                point = _run_on(
+                    settings.clock,
                     run_point(
                         system,
                         spec,
@@ -504,14 +648,17 @@ def run(
                         warmup=settings.warmup,
                         target_s=settings.target_s,
                         seed=settings.seed * 1_000 + m * 100 + k,
-                    )
+                    ),
                 )
                 points.append(point)
                 log(
                     f"  {name} {load:>4g}x {system.label:<34} goodput {point.goodput_rps:7,.0f}/s  "
                     f"p99 {_ms(point.p99_ms, point.p99_lower_bound):>8}  "
-                    f"rejected {_pct(point.rejected, point.arrivals):>6}  late {point.served_late:>6,}  "
-                    f"cut {point.cut:>6,}  lag {point.driver_lag_p99_ms:5.1f} ms  ({point.wall_s:.1f} s)"
+                    f"rejected {_pct(point.rejected, point.arrivals):>6}  late {point.served_late:>5,} "
+                    f"({point.late_own_batch:,} own, {point.late_straggler:,} stragglers)  "
+                    f"cut {point.cut:>6,}  busy {point.utilization:4.0%}  batch {point.mean_batch:5.1f}  "
+                    f"gap {point.idle_gap_ms:4.2f} ms  cpu {point.cpu_share:4.0%}  "
+                    f"lag {point.driver_lag_p99_ms:5.1f} ms  ({point.wall_s:.1f} s)"
                 )
     return points
 
@@ -557,9 +704,10 @@ def format_tables(points: Sequence[Point], systems: Sequence[System], settings: 
         out.append("")
         out.append(
             "| load | system | goodput/s | % of capacity | p50 ms | p99 ms | rejected | refused | shed "
-            "| served late | cut | avg batch | failed | driver lag p99 ms |"
+            "| served late (own batch slow; of which stragglers) | cut | avg batch | model busy | idle gap ms "
+            "| failed | driver lag p99 ms |"
         )
-        out.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for load in settings.loads:
             for k in order:
                 p = by.get((load, k))
@@ -568,8 +716,10 @@ def format_tables(points: Sequence[Point], systems: Sequence[System], settings: 
                 out.append(
                     f"| {load:g}x | {labels[k]} | {p.goodput_rps:,.0f} | {100 * p.goodput_rps / capacity:.0f}% "
                     f"| {_ms(p.p50_ms, p.p50_lower_bound)} | {_ms(p.p99_ms, p.p99_lower_bound)} "
-                    f"| {_pct(p.rejected, p.arrivals)} | {p.refused:,} | {p.shed:,} | {p.served_late:,} | {p.cut:,} "
-                    f"| {p.mean_batch:.1f} | {p.failed:,} | {p.driver_lag_p99_ms:.1f} |"
+                    f"| {_pct(p.rejected, p.arrivals)} | {p.refused:,} | {p.shed:,} "
+                    f"| {p.served_late:,} ({p.late_own_batch:,}; {p.late_straggler:,}) | {p.cut:,} "
+                    f"| {p.mean_batch:.1f} | {p.utilization:.0%} | {p.idle_gap_ms:.2f} | {p.failed:,} "
+                    f"| {p.driver_lag_p99_ms:.1f} |"
                 )
         out.append("")
     notes = [f"- {s.label}: {s.note}" for s in systems if s.open is not None]
@@ -584,7 +734,11 @@ def format_tables(points: Sequence[Point], systems: Sequence[System], settings: 
         "`>=`: the percentile fell on a record cut unfinished at the end of the drain (its age then). "
         "Driver lag: how late the arrival driver started its clients, p99; more than a few ms means the "
         "event loop was saturated (by the system under test, or by other load on the machine) and the "
-        "arrivals of that point came in bursts."
+        "arrivals of that point came in bursts. Served late, own batch slow: the record would have made the "
+        "target had its batch run at the model's noise-free speed (the rest started too late); stragglers: "
+        f"of those, the ones whose batch ran over {STRAGGLER_SEEN:g}x that speed. Model busy: the share of "
+        "the window the model ran batches; idle gap: its mean idle time between two batches."
+        + (" Run on the virtual clock: exact timing, no event-loop cost." if settings.clock == "virtual" else "")
     )
     failed = [p for p in points if p.errors or p.accounted != p.arrivals]
     for p in failed:
@@ -695,6 +849,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", help="comma-separated keys (default: every available one)")
     parser.add_argument("--target-ms", type=float, default=TARGET_S * 1e3, help="latency target (default 60)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--clock",
+        choices=("real", "virtual"),
+        default="real",
+        help="virtual: the test suite's virtual clock, exact timing for iterating on policy (not for the page)",
+    )
     parser.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     parser.add_argument("--plot", metavar="FILE", help="write goodput vs load as a PNG (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -720,6 +880,7 @@ def main(argv: list[str] | None = None) -> int:
         models=models,
         target_s=target_s,
         seed=args.seed,
+        clock=args.clock,
     )
 
     wanted = [k.strip() for k in (args.systems or "").split(",") if k.strip()]
