@@ -79,13 +79,23 @@ def queue_limits(settings: Settings) -> tuple[int, int, bool, bool]:
 class Batch:
     """Records taken from the queue together, and why the batch was closed."""
 
-    __slots__ = ("reason", "records")
+    __slots__ = ("counted", "elapsed", "reason", "records", "settled", "started")
     records: list[Record[Any]]
     reason: DispatchReason
+    # Set by the slot that runs it (``_processing.py``):
+    started: float
+    """Loop time at which it was handed to ``process_fn``."""
+    counted: int
+    """Its cost, as counted against the budget."""
+    elapsed: float
+    """Seconds it spent in ``process_fn`` (once settled)."""
+    settled: bool
+    """Its time is counted and the models are taught (``Processing._settle``)."""
 
     def __init__(self, records: list[Record[Any]], reason: DispatchReason) -> None:
         self.records = records
         self.reason = reason
+        self.settled = False
 
 
 class Core(Generic[RecordT, ResultT]):
@@ -117,8 +127,8 @@ class Core(Generic[RecordT, ResultT]):
     _out: set[Batch]
     """Batches taken from the queue whose futures are not all resolved."""
     _in_flight: int
-    _calls: set[asyncio.Future[Any]]
-    """``process_fn`` calls running now."""
+    _calls: dict[asyncio.Future[Any], Batch | None]
+    """``process_fn`` calls running now: the task running each, and its batch if that is its slot's task."""
     _arrival_waiters: list[asyncio.Future[None]]
     _wake_need: int
     """Wake the arrival waiters once this many records are queued."""
@@ -141,11 +151,13 @@ class Core(Generic[RecordT, ResultT]):
 
         def _check_accepting(self, stopped: asyncio.Future[None] | None) -> None: ...
 
-        def _run(self, batch: Batch) -> Coroutine[Any, Any, None]: ...
+        def _run(self, batch: Batch, now: float) -> Coroutine[Any, Any, None]: ...
 
         def _stream_call(self, live: list[Record[Any]]) -> Coroutine[Any, Any, list[None]]: ...
 
         def _miss(self, rec: Record[Any]) -> None: ...
+
+        def _settle(self, batch: Batch, ok: bool) -> None: ...
 
     def _init_core(self, settings: Settings, process_fn: ProcessFn[RecordT, ResultT]) -> None:
         self._check_combination(settings)
@@ -157,7 +169,7 @@ class Core(Generic[RecordT, ResultT]):
         self._seq = 0
         self._out = set()
         self._in_flight = 0
-        self._calls = set()
+        self._calls = {}
         self._arrival_waiters = []
         self._wake_need = sys.maxsize
         self._room_waiters = deque()
@@ -292,7 +304,8 @@ class Core(Generic[RecordT, ResultT]):
         assert loop is not None
         waiter: asyncio.Future[None] = loop.create_future()
         self._arrival_waiters.append(waiter)
-        self._wake_need = min(self._wake_need, need)
+        if need < self._wake_need:
+            self._wake_need = need
         timer = loop.call_at(deadline, wake, waiter) if deadline is not None else None
         try:
             await waiter
@@ -305,7 +318,11 @@ class Core(Generic[RecordT, ResultT]):
     def _wake_arrivals(self) -> None:
         """The queue grew enough: wake every loop waiting for arrivals."""
         self._wake_need = sys.maxsize
-        wake_all(self._arrival_waiters)
+        waiters = self._arrival_waiters
+        while waiters:  # wake_all, inline: once per batch's worth of arrivals
+            waiter = waiters.pop()
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _wake_room(self, n: int) -> None:
         """Room for ``n`` more records: wake that many producers, oldest first."""

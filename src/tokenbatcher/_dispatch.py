@@ -171,10 +171,11 @@ class Window(Strategy):
                     self._idle_slots -= 1
             batch = self._sealed.popleft()
             self._sealed_changed()
+            now = loop.time()
             if b._latency is not None:
-                b._latency.trim(batch.records, loop.time())
-            b._rec.idle_s += loop.time() - waited_from
-            await b._run(batch)
+                b._latency.trim(batch.records, now)
+            b._rec.idle_s += now - waited_from
+            await b._run(batch, now)
 
 
 class Eager(Strategy):
@@ -194,28 +195,31 @@ class Eager(Strategy):
         b = self._b
         loop = b._loop
         assert loop is not None
+        rec_stats = b._rec
         while True:
             waited_from = loop.time()
             batch: Batch | None = None
             while batch is None:
                 pending = b._pending  # afresh: it becomes a keyed queue at the first keyed record
-                if not len(pending):
+                queued = pending.size
+                if not queued:
                     if b._state is not RUNNING:
-                        b._rec.idle_s += loop.time() - waited_from
+                        rec_stats.idle_s += loop.time() - waited_from
                         return
                     await b._wait_arrivals(1, None)
                     continue
                 reason: DispatchReason = "free_slot"
                 if b._state is not RUNNING:
                     reason = "shutdown"
-                elif len(pending) < b._settings.min_batch_size and not pending.full:
+                elif queued < b._settings.min_batch_size and not pending.full:
                     need, deadline = b._settings.min_batch_size, pending.oldest_time() + b._settings.batch_timeout_s
                     if b._latency is not None:
                         need, deadline = b._latency.hold(loop.time(), need, deadline)
-                    if loop.time() < deadline and len(pending) < need:
+                    if loop.time() < deadline and pending.size < need:
                         await b._wait_arrivals(need, deadline)
                         continue
                     reason = "timeout"
                 batch = b._take(reason)
-            b._rec.idle_s += loop.time() - waited_from
-            await b._run(batch)
+            now = loop.time()
+            rec_stats.idle_s += now - waited_from
+            await b._run(batch, now)

@@ -153,9 +153,19 @@ class Pending:
         self.size += 1
         self._total += cost
         if not self.full:
-            if self._prefix:
+            if self._prefix:  # _grow(cost), inline: once per record
                 self._fill_phys += 1
-                self._grow(cost)
+                n = self._fill_n + 1
+                largest = cost if cost > self._fill_max else self._fill_max
+                total = self._fill_total + cost
+                counted = n * largest if self._padded else total
+                if counted > self._budget and n > 1:
+                    self.full = True  # this record would cross the budget: the batch is full
+                    self._fill_phys -= 1  # and is not part of it
+                    return
+                self._fill_n, self._fill_total, self._fill_max = n, total, largest
+                if n >= self._max_size or counted >= self._budget:
+                    self.full = True
             else:
                 if cost > self._fill_max:
                     self._fill_max = cost
@@ -248,13 +258,15 @@ class Pending:
             yield from self._lanes
 
     def _reset(self) -> None:
-        self._fifo = deque()
+        """Nothing is queued: start afresh (the FIFO deque, without lanes unless ``similar``)."""
+        if self._fifo:  # forgotten records' entries
+            self._fifo.clear()
         self._lanes = None
-        self._prefix = not self._similar
-        self._buckets.clear()
-        self._stale = 0
-        self._total = 0
-        self._fill_max = 0
+        similar = self._similar
+        self._prefix = not similar
+        if similar:
+            self._buckets.clear()
+        self._stale = self._total = self._fill_max = 0
         self._refill()
 
     def _rebuild(self) -> None:
@@ -324,16 +336,19 @@ class Pending:
         when that closed the batch, else None.  Every record of ``batch`` is
         live and no longer queued.
         """
-        self.peak = max(self.peak, self.size)
-        if not self.size:
+        size = self.size
+        if size > self.peak:
+            self.peak = size
+        if not size:
             return [], None
         size_cap, cost_cap = self._max_size, self._budget
+        capped = False
         if max_size is not None or budget is not None:
             if max_size is not None:
                 size_cap = max(1, min(max_size, size_cap))
             if budget is not None:
                 cost_cap = max(0, min(budget, cost_cap))
-        capped = size_cap != self._max_size or cost_cap != self._budget
+            capped = size_cap != self._max_size or cost_cap != self._budget
         if self._prefix:
             if capped:
                 batch, limit = self._take_prefix_capped(cost_cap, size_cap)
@@ -341,8 +356,11 @@ class Pending:
                 if self._fill_stale:
                     self._refill()
                 batch, limit = self._take_prefix()
-            self.size -= len(batch)
-            self._total -= sum(rec.cost for rec in batch)
+            self.size = size = size - len(batch)
+            if not size:  # the common case of a short queue: nothing left to count
+                self._reset()
+                return batch, limit
+            self._total -= sum([rec.cost for rec in batch])
         else:
             if self._similar:
                 buckets = self._buckets
@@ -367,11 +385,12 @@ class Pending:
         fifo = self._fifo
         n = self._fill_phys
         if n >= len(fifo):
-            prefix = list(fifo)
+            batch = list(fifo)
             fifo.clear()
         else:
-            prefix = [fifo.popleft() for _ in range(n)]
-        batch = [rec for rec in prefix if rec.queued]
+            batch = [fifo.popleft() for _ in range(n)]
+        if self._fill_n != len(batch):  # forgotten records' entries among them
+            batch = [rec for rec in batch if rec.queued]
         for rec in batch:
             rec.queued = False
         limit: Limit | None = None
