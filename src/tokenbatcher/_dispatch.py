@@ -156,6 +156,8 @@ class Window(Strategy):
         b = self._b
         loop = b._loop
         assert loop is not None
+        me = asyncio.current_task()
+        assert me is not None
         while True:
             waited_from = loop.time()
             while not self._sealed:
@@ -175,7 +177,7 @@ class Window(Strategy):
             if b._latency is not None:
                 b._latency.trim(batch.records, now)
             b._rec.idle_s += now - waited_from
-            await b._run(batch, now)
+            await b._run(batch, now, me)
 
 
 class Eager(Strategy):
@@ -195,6 +197,8 @@ class Eager(Strategy):
         b = self._b
         loop = b._loop
         assert loop is not None
+        me = asyncio.current_task()
+        assert me is not None
         rec_stats = b._rec
         while True:
             waited_from = loop.time()
@@ -206,7 +210,12 @@ class Eager(Strategy):
                     if b._state is not RUNNING:
                         rec_stats.idle_s += loop.time() - waited_from
                         return
-                    await b._wait_arrivals(1, None)
+                    # b._wait_arrivals(1, None), inline: a waiter woken is popped from the list by the
+                    # waker, and one left by a cancel is skipped by it (it is done)
+                    waiter = loop.create_future()
+                    b._arrival_waiters.append(waiter)
+                    b._wake_need = 1
+                    await waiter
                     continue
                 reason: DispatchReason = "free_slot"
                 if b._state is not RUNNING:
@@ -222,4 +231,4 @@ class Eager(Strategy):
                 batch = b._take(reason)
             now = loop.time()
             rec_stats.idle_s += now - waited_from
-            await b._run(batch, now)
+            await b._run(batch, now, me)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from asyncio import current_task
 from collections.abc import Awaitable
 from typing import Any
 
@@ -43,11 +42,13 @@ IN_SLOT = sys.version_info >= (3, 11)
 class Invoking(Core[RecordT, ResultT]):
     """Calling ``process_fn`` on a batch (mixed into DynamicBatcher, under ``Processing``)."""
 
-    async def _call(self, batch: Batch, live: list[Record[Any]], keep: bool = False) -> BaseException | Raised | None:
+    async def _call(
+        self, batch: Batch, live: list[Record[Any]], slot: asyncio.Task[None], keep: bool = False
+    ) -> BaseException | Raised | None:
         """Call ``process_fn`` on ``live`` (the records of ``batch`` it gets); return the batch's error.
 
-        On Python 3.11+ in the slot's own task (see the module docstring),
-        else in a task of its own (``_call_in_task``).  With ``keep``, an
+        On Python 3.11+ in ``slot``, the slot's own task, which runs this
+        (see the module docstring), else in a task of its own (``_call_in_task``).  With ``keep``, an
         ``Exception`` that ``process_fn`` raises leaves the futures
         unresolved and comes back as [Raised][tokenbatcher._isolate.Raised].
         """
@@ -66,8 +67,7 @@ class Invoking(Core[RecordT, ResultT]):
             return self._fail_with(live, batch_error(exc, len(live)))
         if not IN_SLOT:  # pragma: no cover  (Python 3.10)
             return await self._call_in_task(live, awaitable, keep)
-        task = current_task()
-        assert task is not None
+        task = slot
         before = task.cancelling()  # type: ignore[attr-defined,unused-ignore]  # 3.11+
         calls = self._calls
         calls[task] = batch  # so that a stop() awaited inside process_fn knows where it is, and an abort finds it

@@ -350,6 +350,16 @@ class Pending:
                 cost_cap = max(0, min(budget, cost_cap))
             capped = size_cap != self._max_size or cost_cap != self._budget
         if self._prefix:
+            fifo = self._fifo
+            if not (capped or self.full or self._fill_stale) and self._fill_n == size == len(fifo):
+                # All of it goes, and nothing was forgotten: a short queue, say one caller's record.
+                batch = list(fifo)
+                fifo.clear()
+                for rec in batch:
+                    rec.queued = False
+                self.size = self._stale = self._total = 0
+                self._fill_n = self._fill_phys = self._fill_total = self._fill_max = 0  # _reset(), in short
+                return batch, None
             if capped:
                 batch, limit = self._take_prefix_capped(cost_cap, size_cap)
             else:

@@ -54,8 +54,11 @@ from ._types import RecordT, ResultT
 class Processing(Invoking[RecordT, ResultT]):
     """Running batches (mixed into DynamicBatcher)."""
 
-    async def _run(self, batch: Batch, now: float) -> None:
-        """Hand a batch to ``process_fn`` at loop time ``now`` and deliver every result to its own future."""
+    async def _run(self, batch: Batch, now: float, slot: asyncio.Task[None]) -> None:
+        """Hand a batch to ``process_fn`` at loop time ``now`` and deliver every result to its own future.
+
+        ``slot`` is the task running this (the current task).
+        """
         loop = self._loop
         assert loop is not None
         try:
@@ -95,13 +98,13 @@ class Processing(Invoking[RecordT, ResultT]):
             self._in_flight += 1
             ok = False
             try:
-                outcome = await self._call(batch, live, keep=isolating)
+                outcome = await self._call(batch, live, slot, keep=isolating)
                 if outcome is None:
                     error: BaseException | None = None
                     ok = True
                 elif isinstance(outcome, Raised):
                     error = outcome.error
-                    retries = await self._isolate(batch, live, outcome.error)
+                    retries = await self._isolate(batch, live, slot, outcome.error)
                 else:
                     error = outcome
             finally:
@@ -154,7 +157,9 @@ class Processing(Invoking[RecordT, ResultT]):
         if self._tuning is not None:
             self._tuning.finished(self, batch, ok, batch.counted, elapsed)
 
-    async def _isolate(self, batch: Batch, live: list[Record[Any]], error: Exception) -> tuple[int, int]:
+    async def _isolate(
+        self, batch: Batch, live: list[Record[Any]], slot: asyncio.Task[None], error: Exception
+    ) -> tuple[int, int]:
         """``process_fn`` raised ``error`` on ``live``: re-run halves (``_isolate.py``); return (calls, isolated)."""
         logger.warning(
             "%s: batch of %d records failed (%r); re-running halves to isolate the records it failed on",
@@ -168,7 +173,7 @@ class Processing(Invoking[RecordT, ResultT]):
         async def attempt(part: list[Record[Any]]) -> BaseException | Raised | None:
             counts[0] += 1
             rec_stats.retries += 1
-            return await self._call(batch, part, keep=True)
+            return await self._call(batch, part, slot, keep=True)
 
         def alone(rec: Record[Any], exc: Exception) -> None:
             counts[1] += 1
