@@ -16,7 +16,8 @@ in a module of its own, that share the state declared on [Core][]:
   how large a batch may be, how long it may wait; ``_plan.py``: which
   records are let in;
 - ``_tuning.py``: with ``tune``, the limits the next batch is formed with;
-- ``_processing.py``: a slot calls ``process_fn`` and resolves the futures;
+- ``_processing.py``: a slot calls ``process_fn`` and resolves the futures
+  (``_invoking.py``: the call itself, in the slot's task or one of its own);
 - ``_streaming.py`` (and ``_streams.py``): ``submit_stream``, and a streaming
   ``process_fn``'s steps handed to the records' streams;
 - ``_lifecycle.py``: start, stop, restart and failure, as a state machine;
