@@ -8,6 +8,7 @@ in a module of its own, that share the state declared on [Core][]:
   validate, price, queue; ``_submit_batch.py``: several at once, all or none;
   ``_handoff.py``: ``submit_threadsafe``; ``_admission.py``: with
   ``latency_target_s``, which records are let in;
+- ``_record.py``: one accepted record, its caller's future;
 - ``_pending.py``: the queue, and which records make the next batch
   (``_lanes.py``: per-priority lanes; ``_buckets.py``: ``similar_cost``'s
   cost buckets; ``_keyed.py``: one such queue per key, once a record has a key);

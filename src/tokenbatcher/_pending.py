@@ -1,7 +1,7 @@
 """The queue: the records waiting for a batch, and how the next batch is taken.
 
-Every accepted record is a [Record][], the future its caller awaits.  Queued
-records wait in dispatch order, ``(key, seq)`` where ``key = submit time +
+Every accepted record is a [Record][] (``_record.py``), the future its caller
+awaits.  Queued records wait in dispatch order, ``(key, seq)`` where ``key = submit time +
 priority * priority_aging_s``.  [Pending][] keeps them in one of three ways:
 
 * ``grouping="fifo"`` while every record has priority 0: a deque, and a batch
@@ -26,72 +26,26 @@ its entry is skipped and discarded when it reaches the front of its lane.
 When forgotten records outnumber the live ones, the structures are rebuilt
 without them, so memory stays proportional to the live records.
 
-Owns: ``Record``, the queue's counts and the FIFO prefix path.  Must not
+Owns: the queue's counts and the FIFO prefix path.  Must not
 touch: when a batch is taken (``_dispatch.py``) or what happens to it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 from collections import deque
-from collections.abc import Callable, Iterator
-from typing import Any, Literal, TypeAlias
+from collections.abc import Iterator
+from typing import Any
 
 from ._buckets import BUCKETS_PER_OCTAVE as BUCKETS_PER_OCTAVE
 from ._buckets import Buckets
 from ._lanes import Lanes, dispatch_order, submission_order
 from ._lanes import take as take_lanes
-from ._types import ResultT
+from ._record import Limit as Limit
+from ._record import Record as Record
+from ._record import batch_cost as batch_cost
 
 _SLACK = 1024  # stale entries tolerated before a rebuild, on top of one per live record
-
-
-class Record(asyncio.Future[ResultT]):
-    """One accepted record: the future of its result, and what the queue needs to know.
-
-    A subclass of ``asyncio.Future`` rather than a pair of objects: one
-    allocation per record, and a cancel by the caller reaches the batcher at
-    once (see ``cancel``) without a done-callback on every future.
-    """
-
-    __slots__ = ("bucket", "cost", "due", "hook", "item", "key", "queued", "seq", "t", "waiting")
-    item: Any
-    cost: int
-    t: float
-    """Loop time at submit."""
-    key: float
-    """Dispatch order: ``t`` plus the priority's aging offset."""
-    seq: int
-    """Tie-breaker: records accepted before this one."""
-    queued: bool
-    """True while the record waits in the queue (not in a batch, not forgotten)."""
-    waiting: bool
-    """True from submit until the record's batch is handed to ``process_fn``: its deadline applies."""
-    due: float
-    """With ``latency_target_s``: loop time by which its result is due (unset otherwise)."""
-    bucket: int
-    hook: Callable[[Record[Any]], object]
-    """Called once when the caller cancels this future."""
-
-    def cancel(self, msg: Any = None) -> bool:
-        """Cancel the future, as ``asyncio.Future.cancel``, and tell the batcher."""
-        if not super().cancel(msg):
-            return False
-        self.hook(self)
-        return True
-
-    def __lt__(self, other: Record[Any]) -> bool:
-        return self.key < other.key or (self.key == other.key and self.seq < other.seq)
-
-
-Limit: TypeAlias = Literal["budget", "max_size"]
-"""What closed a batch that is full."""
-
-
-def batch_cost(size: int, total: int, largest: int, padded: bool) -> int:
-    """The cost of a batch counted against the budget."""
-    return size * largest if padded else total
 
 
 class Pending:
