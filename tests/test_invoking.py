@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -139,3 +140,27 @@ async def test_a_process_fn_that_never_suspends_resolves_its_caller_and_serves_o
             assert await (await batcher.submit(i)) == i + 1
     stats = batcher.stats
     assert (stats.total_completed, stats.in_flight_batches) == (50, 0)
+
+
+@pytest.mark.asyncio
+async def test_a_slot_whose_process_fn_never_suspends_lets_other_tasks_run_between_batches(where: str) -> None:
+    ticks = 0
+    seen: list[int] = []
+
+    async def at_once(batch: list[int]) -> list[int]:
+        seen.append(ticks)
+        return batch
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async with DynamicBatcher(at_once, max_batch_size=10, dispatch="eager") as batcher:
+        futures = [batcher.submit_nowait(i) for i in range(100)]  # queued in one step: ten batches' worth
+        other = asyncio.create_task(ticker())
+        await asyncio.wait(futures)
+        other.cancel()
+    assert len(seen) == 10
+    assert all(b > a for a, b in itertools.pairwise(seen)), seen  # the other task ran between every two batches

@@ -232,3 +232,8 @@ class Eager(Strategy):
             now = loop.time()
             rec_stats.idle_s += now - waited_from
             await b._run(batch, now, me)
+            if b._pending.size:
+                # More is queued.  A process_fn that returned without suspending kept the loop all
+                # along (it runs in this task, _invoking.py): let the tasks that the batch woke run
+                # before the next batch, as they would have while process_fn awaited something.
+                await asyncio.sleep(0)
