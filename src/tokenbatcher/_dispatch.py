@@ -178,6 +178,8 @@ class Window(Strategy):
                 b._latency.trim(batch.records, now)
             b._rec.idle_s += now - waited_from
             await b._run(batch, now, me)
+            if self._sealed:  # as Eager's slot does: let what the batch woke run first
+                await asyncio.sleep(0)
 
 
 class Eager(Strategy):
