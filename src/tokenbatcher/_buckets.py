@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ._lanes import BUDGET_MET, Lane, Lanes, Top, dispatch_order, fill, submission_order
 
 if TYPE_CHECKING:
-    from ._pending import Limit, Record
+    from ._record import Limit, Record
 
 BUCKETS_PER_OCTAVE = 32
 """``grouping="similar_cost"``: cost buckets per doubling of cost (each ~2% wide)."""

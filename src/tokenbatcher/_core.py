@@ -8,6 +8,7 @@ in a module of its own, that share the state declared on [Core][]:
   validate, price, queue; ``_submit_batch.py``: several at once, all or none;
   ``_handoff.py``: ``submit_threadsafe``; ``_admission.py``: with
   ``latency_target_s``, which records are let in;
+- ``_record.py``: one accepted record, its caller's future;
 - ``_pending.py``: the queue, and which records make the next batch
   (``_lanes.py``: per-priority lanes; ``_buckets.py``: ``similar_cost``'s
   cost buckets; ``_keyed.py``: one such queue per key, once a record has a key);
@@ -16,7 +17,8 @@ in a module of its own, that share the state declared on [Core][]:
   how large a batch may be, how long it may wait; ``_plan.py``: which
   records are let in;
 - ``_tuning.py``: with ``tune``, the limits the next batch is formed with;
-- ``_processing.py``: a slot calls ``process_fn`` and resolves the futures;
+- ``_processing.py``: a slot calls ``process_fn`` and resolves the futures
+  (``_invoking.py``: the call itself, in the slot's task or one of its own);
 - ``_streaming.py`` (and ``_streams.py``): ``submit_stream``, and a streaming
   ``process_fn``'s steps handed to the records' streams;
 - ``_lifecycle.py``: start, stop, restart and failure, as a state machine;
@@ -79,13 +81,25 @@ def queue_limits(settings: Settings) -> tuple[int, int, bool, bool]:
 class Batch:
     """Records taken from the queue together, and why the batch was closed."""
 
-    __slots__ = ("reason", "records")
+    __slots__ = ("counted", "elapsed", "reason", "records", "settled", "started", "work")
     records: list[Record[Any]]
     reason: DispatchReason
+    # Set by the slot that runs it (``_processing.py``):
+    started: float
+    """Loop time at which it was handed to ``process_fn``."""
+    counted: int
+    """Its cost, as counted against the budget."""
+    work: int
+    """Its records' own costs, summed (``counted`` unless padded)."""
+    elapsed: float
+    """Seconds it spent in ``process_fn`` (once settled)."""
+    settled: bool
+    """Its time is counted and the models are taught (``Processing._settle``)."""
 
     def __init__(self, records: list[Record[Any]], reason: DispatchReason) -> None:
         self.records = records
         self.reason = reason
+        self.settled = False
 
 
 class Core(Generic[RecordT, ResultT]):
@@ -117,8 +131,8 @@ class Core(Generic[RecordT, ResultT]):
     _out: set[Batch]
     """Batches taken from the queue whose futures are not all resolved."""
     _in_flight: int
-    _calls: set[asyncio.Future[Any]]
-    """``process_fn`` calls running now."""
+    _calls: dict[asyncio.Future[Any], Batch | None]
+    """``process_fn`` calls running now: the task running each, and its batch if that is its slot's task."""
     _arrival_waiters: list[asyncio.Future[None]]
     _wake_need: int
     """Wake the arrival waiters once this many records are queued."""
@@ -141,11 +155,13 @@ class Core(Generic[RecordT, ResultT]):
 
         def _check_accepting(self, stopped: asyncio.Future[None] | None) -> None: ...
 
-        def _run(self, batch: Batch) -> Coroutine[Any, Any, None]: ...
+        def _run(self, batch: Batch, now: float, slot: asyncio.Task[None]) -> Coroutine[Any, Any, None]: ...
 
         def _stream_call(self, live: list[Record[Any]]) -> Coroutine[Any, Any, list[None]]: ...
 
         def _miss(self, rec: Record[Any]) -> None: ...
+
+        def _settle(self, batch: Batch, ok: bool) -> None: ...
 
     def _init_core(self, settings: Settings, process_fn: ProcessFn[RecordT, ResultT]) -> None:
         self._check_combination(settings)
@@ -157,7 +173,7 @@ class Core(Generic[RecordT, ResultT]):
         self._seq = 0
         self._out = set()
         self._in_flight = 0
-        self._calls = set()
+        self._calls = {}
         self._arrival_waiters = []
         self._wake_need = sys.maxsize
         self._room_waiters = deque()
@@ -292,7 +308,8 @@ class Core(Generic[RecordT, ResultT]):
         assert loop is not None
         waiter: asyncio.Future[None] = loop.create_future()
         self._arrival_waiters.append(waiter)
-        self._wake_need = min(self._wake_need, need)
+        if need < self._wake_need:
+            self._wake_need = need
         timer = loop.call_at(deadline, wake, waiter) if deadline is not None else None
         try:
             await waiter
@@ -305,7 +322,11 @@ class Core(Generic[RecordT, ResultT]):
     def _wake_arrivals(self) -> None:
         """The queue grew enough: wake every loop waiting for arrivals."""
         self._wake_need = sys.maxsize
-        wake_all(self._arrival_waiters)
+        waiters = self._arrival_waiters
+        while waiters:  # wake_all, inline: once per batch's worth of arrivals
+            waiter = waiters.pop()
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _wake_room(self, n: int) -> None:
         """Room for ``n`` more records: wake that many producers, oldest first."""

@@ -156,6 +156,8 @@ class Window(Strategy):
         b = self._b
         loop = b._loop
         assert loop is not None
+        me = asyncio.current_task()
+        assert me is not None
         while True:
             waited_from = loop.time()
             while not self._sealed:
@@ -171,10 +173,13 @@ class Window(Strategy):
                     self._idle_slots -= 1
             batch = self._sealed.popleft()
             self._sealed_changed()
+            now = loop.time()
             if b._latency is not None:
-                b._latency.trim(batch.records, loop.time())
-            b._rec.idle_s += loop.time() - waited_from
-            await b._run(batch)
+                b._latency.trim(batch.records, now)
+            b._rec.idle_s += now - waited_from
+            await b._run(batch, now, me)
+            if self._sealed:  # as Eager's slot does: let what the batch woke run first
+                await asyncio.sleep(0)
 
 
 class Eager(Strategy):
@@ -194,28 +199,43 @@ class Eager(Strategy):
         b = self._b
         loop = b._loop
         assert loop is not None
+        me = asyncio.current_task()
+        assert me is not None
+        rec_stats = b._rec
         while True:
             waited_from = loop.time()
             batch: Batch | None = None
             while batch is None:
                 pending = b._pending  # afresh: it becomes a keyed queue at the first keyed record
-                if not len(pending):
+                queued = pending.size
+                if not queued:
                     if b._state is not RUNNING:
-                        b._rec.idle_s += loop.time() - waited_from
+                        rec_stats.idle_s += loop.time() - waited_from
                         return
-                    await b._wait_arrivals(1, None)
+                    # b._wait_arrivals(1, None), inline: a waiter woken is popped from the list by the
+                    # waker, and one left by a cancel is skipped by it (it is done)
+                    waiter = loop.create_future()
+                    b._arrival_waiters.append(waiter)
+                    b._wake_need = 1
+                    await waiter
                     continue
                 reason: DispatchReason = "free_slot"
                 if b._state is not RUNNING:
                     reason = "shutdown"
-                elif len(pending) < b._settings.min_batch_size and not pending.full:
+                elif queued < b._settings.min_batch_size and not pending.full:
                     need, deadline = b._settings.min_batch_size, pending.oldest_time() + b._settings.batch_timeout_s
                     if b._latency is not None:
                         need, deadline = b._latency.hold(loop.time(), need, deadline)
-                    if loop.time() < deadline and len(pending) < need:
+                    if loop.time() < deadline and pending.size < need:
                         await b._wait_arrivals(need, deadline)
                         continue
                     reason = "timeout"
                 batch = b._take(reason)
-            b._rec.idle_s += loop.time() - waited_from
-            await b._run(batch)
+            now = loop.time()
+            rec_stats.idle_s += now - waited_from
+            await b._run(batch, now, me)
+            if b._pending.size:
+                # More is queued.  A process_fn that returned without suspending kept the loop all
+                # along (it runs in this task, _invoking.py): let the tasks that the batch woke run
+                # before the next batch, as they would have while process_fn awaited something.
+                await asyncio.sleep(0)

@@ -25,7 +25,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
-    from ._pending import Limit, Record
+    from ._record import Limit, Record
 
 dispatch_order = attrgetter("key", "seq")
 submission_order = attrgetter("seq")  # the same while every record's key is its submit time

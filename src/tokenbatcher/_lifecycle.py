@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from typing_extensions import Self
@@ -118,7 +118,7 @@ class Lifecycle(Core[RecordT, ResultT]):
         if leftovers:
             # The last run's loops, cancelled by a stop() that gave up or by a failure, end within
             # a few iterations of the event loop; the new run must not start under them.
-            await asyncio.wait(leftovers)
+            await self._join(leftovers)
             if self._state is RUNNING or self._state is STOPPING:  # a concurrent start() came first
                 raise RuntimeError(f"{type(self).__name__} is already running")
         self._loop = loop
@@ -128,9 +128,11 @@ class Lifecycle(Core[RecordT, ResultT]):
         self._stopped = stopped = loop.create_future()
         bodies = self._strategy.loops()
         name = type(self).__name__
-        self._tasks = [loop.create_task(body, name=f"{name}-loop-{i}") for i, body in enumerate(bodies)]
-        for task in self._tasks:
-            task.add_done_callback(functools.partial(self._loop_ended, stopped))
+        self._tasks = []
+        for i, body in enumerate(bodies):
+            task = loop.create_task(self._guard(body, stopped), name=f"{name}-loop-{i}")
+            task.add_done_callback(functools.partial(self._loop_ended, stopped, body))
+            self._tasks.append(task)
         logger.info("%s started (dispatch=%r)", name, self._settings.dispatch)
 
     async def stop(self, *, timeout: float | None = None) -> None:
@@ -167,6 +169,23 @@ class Lifecycle(Core[RecordT, ResultT]):
         else:
             await self._join_stop(stopped, seconds)
 
+    async def _join(self, tasks: Sequence[asyncio.Task[None]]) -> None:
+        """Wait for a run's loops, cancelled, to end.
+
+        A loop inside a ``process_fn`` call (``_invoking.py``) is waited for
+        one step only: the one that delivers the cancel, in which a call that
+        honours it ends.  One that ignores it must not hold up ``stop()`` or
+        ``start()``; the abort has settled its batch, and it ends, touching
+        nothing, whenever ``process_fn`` returns.
+        """
+        calls = self._calls
+        rest = [task for task in tasks if not task.done() and task not in calls]
+        if rest:
+            await asyncio.wait(rest)
+        inside = [task for task in tasks if not task.done() and task in calls]
+        if inside:
+            await asyncio.wait(inside, timeout=0)
+
     def _begin_stop(self) -> None:
         self._move("stop")
         self._release_all_waiters()
@@ -178,7 +197,7 @@ class Lifecycle(Core[RecordT, ResultT]):
             _, unfinished = await asyncio.wait(tasks, timeout=timeout)
             if unfinished:
                 self._abort(stopped, f"stop(timeout={timeout}) ran out of time")
-                await asyncio.wait(tasks)
+                await self._join(tasks)
         except asyncio.CancelledError:
             self._abort(stopped, "the task calling stop() was cancelled")
             raise
@@ -241,6 +260,9 @@ class Lifecycle(Core[RecordT, ResultT]):
         self._aborting = True
         for task in self._tasks:
             task.cancel()
+        for batch in list(self._calls.values()):  # calls that may never return: their time ends now
+            if batch is not None:
+                self._settle(batch, False)
         self._deadlines.clear()
         self._fail(self._pending.clear(), reason, cause)
         batches = list(self._out)
@@ -258,10 +280,33 @@ class Lifecycle(Core[RecordT, ResultT]):
         self._abort(stopped, reason, cause)
         self._finish_stop(stopped)
 
-    def _loop_ended(self, stopped: asyncio.Future[None], task: asyncio.Task[None]) -> None:
+    async def _guard(self, body: Coroutine[Any, Any, None], stopped: asyncio.Future[None]) -> None:
+        """Run one loop of the run ``stopped``; if it fails, end the run at once.
+
+        At once, in the step that failed, rather than in the task's
+        done-callback an iteration later: no other slot serves a record
+        meanwhile, as if nothing had happened.
+        """
+        try:
+            await body
+        except (asyncio.CancelledError, GeneratorExit):  # cancelled, or destroyed with a closed loop
+            raise
+        except BaseException as exc:
+            self._loop_failed(stopped, exc)
+            raise
+
+    def _loop_ended(
+        self, stopped: asyncio.Future[None], body: Coroutine[Any, Any, None], task: asyncio.Task[None]
+    ) -> None:
         """A loop task of the run ``stopped`` ended: unless by that run's own stop, fail everything now."""
+        body.close()  # a no-op, unless the task was cancelled before its first step, so ``_guard`` never ran it
         error = None if task.cancelled() else task.exception()  # retrieved, even when it is ours to ignore
-        if stopped is not self._stopped or self._aborting or (error is None and not task.cancelled()):
+        if error is not None or task.cancelled():
+            self._loop_failed(stopped, error)
+
+    def _loop_failed(self, stopped: asyncio.Future[None], error: BaseException | None) -> None:
+        """A loop of the run ``stopped`` raised ``error``, or was cancelled (None), other than by that run's stop."""
+        if stopped is not self._stopped or self._aborting:
             return
         if error is None:  # not by us: the event loop is shutting down under a running batcher
             self._orphaned = True

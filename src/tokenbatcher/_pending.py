@@ -1,7 +1,7 @@
 """The queue: the records waiting for a batch, and how the next batch is taken.
 
-Every accepted record is a [Record][], the future its caller awaits.  Queued
-records wait in dispatch order, ``(key, seq)`` where ``key = submit time +
+Every accepted record is a [Record][] (``_record.py``), the future its caller
+awaits.  Queued records wait in dispatch order, ``(key, seq)`` where ``key = submit time +
 priority * priority_aging_s``.  [Pending][] keeps them in one of three ways:
 
 * ``grouping="fifo"`` while every record has priority 0: a deque, and a batch
@@ -26,72 +26,26 @@ its entry is skipped and discarded when it reaches the front of its lane.
 When forgotten records outnumber the live ones, the structures are rebuilt
 without them, so memory stays proportional to the live records.
 
-Owns: ``Record``, the queue's counts and the FIFO prefix path.  Must not
+Owns: the queue's counts and the FIFO prefix path.  Must not
 touch: when a batch is taken (``_dispatch.py``) or what happens to it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 from collections import deque
-from collections.abc import Callable, Iterator
-from typing import Any, Literal, TypeAlias
+from collections.abc import Iterator
+from typing import Any
 
 from ._buckets import BUCKETS_PER_OCTAVE as BUCKETS_PER_OCTAVE
 from ._buckets import Buckets
 from ._lanes import Lanes, dispatch_order, submission_order
 from ._lanes import take as take_lanes
-from ._types import ResultT
+from ._record import Limit as Limit
+from ._record import Record as Record
+from ._record import batch_cost as batch_cost
 
 _SLACK = 1024  # stale entries tolerated before a rebuild, on top of one per live record
-
-
-class Record(asyncio.Future[ResultT]):
-    """One accepted record: the future of its result, and what the queue needs to know.
-
-    A subclass of ``asyncio.Future`` rather than a pair of objects: one
-    allocation per record, and a cancel by the caller reaches the batcher at
-    once (see ``cancel``) without a done-callback on every future.
-    """
-
-    __slots__ = ("bucket", "cost", "due", "hook", "item", "key", "queued", "seq", "t", "waiting")
-    item: Any
-    cost: int
-    t: float
-    """Loop time at submit."""
-    key: float
-    """Dispatch order: ``t`` plus the priority's aging offset."""
-    seq: int
-    """Tie-breaker: records accepted before this one."""
-    queued: bool
-    """True while the record waits in the queue (not in a batch, not forgotten)."""
-    waiting: bool
-    """True from submit until the record's batch is handed to ``process_fn``: its deadline applies."""
-    due: float
-    """With ``latency_target_s``: loop time by which its result is due (unset otherwise)."""
-    bucket: int
-    hook: Callable[[Record[Any]], object]
-    """Called once when the caller cancels this future."""
-
-    def cancel(self, msg: Any = None) -> bool:
-        """Cancel the future, as ``asyncio.Future.cancel``, and tell the batcher."""
-        if not super().cancel(msg):
-            return False
-        self.hook(self)
-        return True
-
-    def __lt__(self, other: Record[Any]) -> bool:
-        return self.key < other.key or (self.key == other.key and self.seq < other.seq)
-
-
-Limit: TypeAlias = Literal["budget", "max_size"]
-"""What closed a batch that is full."""
-
-
-def batch_cost(size: int, total: int, largest: int, padded: bool) -> int:
-    """The cost of a batch counted against the budget."""
-    return size * largest if padded else total
 
 
 class Pending:
@@ -153,9 +107,19 @@ class Pending:
         self.size += 1
         self._total += cost
         if not self.full:
-            if self._prefix:
+            if self._prefix:  # _grow(cost), inline: once per record
                 self._fill_phys += 1
-                self._grow(cost)
+                n = self._fill_n + 1
+                largest = cost if cost > self._fill_max else self._fill_max
+                total = self._fill_total + cost
+                counted = n * largest if self._padded else total
+                if counted > self._budget and n > 1:
+                    self.full = True  # this record would cross the budget: the batch is full
+                    self._fill_phys -= 1  # and is not part of it
+                    return
+                self._fill_n, self._fill_total, self._fill_max = n, total, largest
+                if n >= self._max_size or counted >= self._budget:
+                    self.full = True
             else:
                 if cost > self._fill_max:
                     self._fill_max = cost
@@ -248,13 +212,15 @@ class Pending:
             yield from self._lanes
 
     def _reset(self) -> None:
-        self._fifo = deque()
+        """Nothing is queued: start afresh (the FIFO deque, without lanes unless ``similar``)."""
+        if self._fifo:  # forgotten records' entries
+            self._fifo.clear()
         self._lanes = None
-        self._prefix = not self._similar
-        self._buckets.clear()
-        self._stale = 0
-        self._total = 0
-        self._fill_max = 0
+        similar = self._similar
+        self._prefix = not similar
+        if similar:
+            self._buckets.clear()
+        self._stale = self._total = self._fill_max = 0
         self._refill()
 
     def _rebuild(self) -> None:
@@ -324,25 +290,41 @@ class Pending:
         when that closed the batch, else None.  Every record of ``batch`` is
         live and no longer queued.
         """
-        self.peak = max(self.peak, self.size)
-        if not self.size:
+        size = self.size
+        if size > self.peak:
+            self.peak = size
+        if not size:
             return [], None
         size_cap, cost_cap = self._max_size, self._budget
+        capped = False
         if max_size is not None or budget is not None:
             if max_size is not None:
                 size_cap = max(1, min(max_size, size_cap))
             if budget is not None:
                 cost_cap = max(0, min(budget, cost_cap))
-        capped = size_cap != self._max_size or cost_cap != self._budget
+            capped = size_cap != self._max_size or cost_cap != self._budget
         if self._prefix:
+            fifo = self._fifo
+            if not (capped or self.full or self._fill_stale) and self._fill_n == size == len(fifo):
+                # All of it goes, and nothing was forgotten: a short queue, say one caller's record.
+                batch = list(fifo)
+                fifo.clear()
+                for rec in batch:
+                    rec.queued = False
+                self.size = self._stale = self._total = 0
+                self._fill_n = self._fill_phys = self._fill_total = self._fill_max = 0  # _reset(), in short
+                return batch, None
             if capped:
                 batch, limit = self._take_prefix_capped(cost_cap, size_cap)
             else:
                 if self._fill_stale:
                     self._refill()
                 batch, limit = self._take_prefix()
-            self.size -= len(batch)
-            self._total -= sum(rec.cost for rec in batch)
+            self.size = size = size - len(batch)
+            if not size:  # the common case of a short queue: nothing left to count
+                self._reset()
+                return batch, limit
+            self._total -= sum([rec.cost for rec in batch])
         else:
             if self._similar:
                 buckets = self._buckets
@@ -367,11 +349,12 @@ class Pending:
         fifo = self._fifo
         n = self._fill_phys
         if n >= len(fifo):
-            prefix = list(fifo)
+            batch = list(fifo)
             fifo.clear()
         else:
-            prefix = [fifo.popleft() for _ in range(n)]
-        batch = [rec for rec in prefix if rec.queued]
+            batch = [fifo.popleft() for _ in range(n)]
+        if self._fill_n != len(batch):  # forgotten records' entries among them
+            batch = [rec for rec in batch if rec.queued]
         for rec in batch:
             rec.queued = False
         limit: Limit | None = None

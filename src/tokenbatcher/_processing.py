@@ -1,10 +1,10 @@
 """How a batch is run: a processing slot calls ``process_fn`` and resolves the futures.
 
 A slot hands the batch's live records to ``process_fn`` (records cancelled or
-expired while the batch waited are dropped first), in a task of its own so a
-``process_fn`` that ignores cancellation cannot hold up ``stop()``.  That task
-delivers each result to its own record's future the moment ``process_fn``
-returns.  Failures map to the futures as follows:
+expired while the batch waited are dropped first); ``_invoking.py`` says in
+which task the call runs, and delivers each result to its own record's
+future the moment ``process_fn`` returns.  Failures map to the futures as
+follows:
 
 | ``process_fn`` ...                            | every future of the batch gets          |
 |-----------------------------------------------|-----------------------------------------|
@@ -28,91 +28,98 @@ A batch whose first call succeeded then teaches the duration model
 what it raises is logged and ignored (but ``KeyboardInterrupt`` and
 ``SystemExit`` stop the batcher).
 
-Owns: calling ``process_fn`` and resolving futures.  Must not touch: the queue.
+Once the call is over (or an abort gave up on it), ``_settle`` counts the
+batch's time and teaches the models, once per batch.
+
+Owns: a batch's run, from handing it over to its stats and hook.  Must not
+touch: the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-from ._core import Batch, Core, logger, wake
-from ._errors import BatchAbortedError
+from ._core import Batch, logger
+from ._invoking import Invoking
 from ._isolate import Raised, isolate
 from ._keyed import group_of
 from ._lifecycle import explain
-from ._pending import Record, batch_cost
+from ._pending import Record
 from ._stats import BatchInfo
 from ._types import RecordT, ResultT
 
 
-class Processing(Core[RecordT, ResultT]):
+class Processing(Invoking[RecordT, ResultT]):
     """Running batches (mixed into DynamicBatcher)."""
 
-    async def _run(self, batch: Batch) -> None:
-        """Hand a batch to ``process_fn`` and deliver every result to its own future."""
+    async def _run(self, batch: Batch, now: float, slot: asyncio.Task[None]) -> None:
+        """Hand a batch to ``process_fn`` at loop time ``now`` and deliver every result to its own future.
+
+        ``slot`` is the task running this (the current task).
+        """
         loop = self._loop
         assert loop is not None
         try:
-            records = batch.records
-            live = [rec for rec in records if not rec.done()]  # cancelled or expired while sealed
-            dropped = len(records) - len(live)
-            if dropped:
-                batch.records = live
-            for rec in live:
-                rec.waiting = False  # dispatched: its deadline no longer applies
-            if not live:
+            live = records = batch.records
+            for rec in records:
+                if rec.done():  # cancelled or expired while sealed: dropped
+                    live = batch.records = [rec for rec in records if not rec.done()]
+                    break
+            n = len(live)
+            dropped = len(records) - n
+            if not n:
                 self._out.discard(batch)
                 if self._tuning is not None:
                     self._tuning.forget(batch)
                 return
             settings = self._settings  # the batch keeps the settings it was handed over with
             rec_stats = self._rec
-            started = loop.time()
-            costs = [rec.cost for rec in live]
-            total = sum(costs)
-            padded = settings.batch_cost == "padded"
-            counted = batch_cost(len(live), total, max(costs) if padded else 0, padded)
-            rec_stats.batch(len(live), total, counted, batch.reason)
-            rec_stats.waits.extend([started - rec.t for rec in live])
-            isolating = settings.on_batch_error == "isolate" and len(live) > 1
+            batch.started = started = now
+            if n == 1:  # one caller at a time: no lists to build
+                (rec,) = live
+                rec.waiting = False  # dispatched: its deadline no longer applies
+                total = largest = rec.cost
+                rec_stats.waits.append(started - rec.t)
+            else:
+                costs: list[int] = []
+                for rec in live:
+                    rec.waiting = False
+                    costs.append(rec.cost)
+                total, largest = sum(costs), max(costs)
+                rec_stats.waits.extend([started - rec.t for rec in live])
+            batch.counted = counted = n * largest if settings.batch_cost == "padded" else total
+            batch.work = total
+            rec_stats.batch(n, total, counted, batch.reason)
+            isolating = n > 1 and settings.on_batch_error == "isolate"
             retries = (0, 0)
-            latency = self._latency
-            if latency is not None:
-                latency.started(batch, len(live), total, counted, started)
+            if self._latency is not None:
+                self._latency.started(batch, n, total, counted, started)
             self._in_flight += 1
             ok = False
             try:
-                outcome = await self._call(live, keep=isolating)
-                if isinstance(outcome, Raised):
-                    error: BaseException | None = outcome.error
-                    retries = await self._isolate(live, outcome.error)
+                outcome = await self._call(batch, live, slot, keep=isolating)
+                if outcome is None:
+                    error: BaseException | None = None
+                    ok = True
+                elif isinstance(outcome, Raised):
+                    error = outcome.error
+                    retries = await self._isolate(batch, live, slot, outcome.error)
                 else:
                     error = outcome
-                    ok = error is None
             finally:
-                self._in_flight -= 1
-                ended = loop.time()
-                elapsed = ended - started
-                rec_stats.busy_s += elapsed
-                rec_stats.process_times.append(elapsed)
-                if ok and self._durations is not None:  # a successful batch teaches the duration model
-                    self._durations.observe(len(live), counted, elapsed, ended)
-                if latency is not None:
-                    latency.finished(batch, learned=ok)
-                if self._tuning is not None:
-                    self._tuning.finished(self, batch, ok, counted, elapsed, total)
+                self._settle(batch, ok)
             self._out.discard(batch)  # every record is accounted for (or _abort failed them)
             if settings.on_batch is not None:
                 oldest = min(rec.t for rec in live)
                 info = BatchInfo(
                     started_at=started,
-                    size=len(live),
+                    size=n,
                     cost=counted,
                     reason=batch.reason,
                     queue_wait_max_s=started - oldest,
-                    process_time_s=elapsed,
+                    process_time_s=batch.elapsed,
                     error=error,
                     dropped=dropped,
                     key=group_of(live[0]),
@@ -127,7 +134,33 @@ class Processing(Core[RecordT, ResultT]):
                 self._fail(batch.records, explain(cause), cause)
             raise
 
-    async def _isolate(self, live: list[Record[Any]], error: Exception) -> tuple[int, int]:
+    def _settle(self, batch: Batch, ok: bool) -> None:
+        """``batch`` left ``process_fn`` (``ok``: its first call succeeded): count its time, teach the models.
+
+        Once per batch: when its slot's call returns, or earlier, when an
+        abort gives up on a call that may never return (``Lifecycle._abort``).
+        """
+        if batch.settled:
+            return
+        batch.settled = True
+        self._in_flight -= 1
+        loop = self._loop
+        assert loop is not None
+        ended = loop.time()
+        batch.elapsed = elapsed = ended - batch.started
+        rec_stats = self._rec
+        rec_stats.busy_s += elapsed
+        rec_stats.process_times.append(elapsed)
+        if ok and self._durations is not None:  # a successful batch teaches the duration model
+            self._durations.observe(len(batch.records), batch.counted, elapsed, ended)
+        if self._latency is not None:
+            self._latency.finished(batch, learned=ok)
+        if self._tuning is not None:
+            self._tuning.finished(self, batch, ok, batch.counted, elapsed, batch.work)
+
+    async def _isolate(
+        self, batch: Batch, live: list[Record[Any]], slot: asyncio.Task[None], error: Exception
+    ) -> tuple[int, int]:
         """``process_fn`` raised ``error`` on ``live``: re-run halves (``_isolate.py``); return (calls, isolated)."""
         logger.warning(
             "%s: batch of %d records failed (%r); re-running halves to isolate the records it failed on",
@@ -141,7 +174,7 @@ class Processing(Core[RecordT, ResultT]):
         async def attempt(part: list[Record[Any]]) -> BaseException | Raised | None:
             counts[0] += 1
             rec_stats.retries += 1
-            return await self._call(part, keep=True)
+            return await self._call(batch, part, slot, keep=True)
 
         def alone(rec: Record[Any], exc: Exception) -> None:
             counts[1] += 1
@@ -151,95 +184,6 @@ class Processing(Core[RecordT, ResultT]):
         await isolate(live, error, attempt, alone)
         return counts[0], counts[1]
 
-    async def _call(self, live: list[Record[Any]], keep: bool = False) -> BaseException | Raised | None:
-        """Run ``process_fn`` in a task of its own (see ``_invoke``); return the batch's error.
-
-        With ``keep``, an ``Exception`` that ``process_fn`` raises leaves the
-        futures unresolved and comes back as [Raised][tokenbatcher._isolate.Raised].
-        """
-        loop = self._loop
-        assert loop is not None
-        try:
-            # a streaming process_fn is an async generator: the task iterates it (_streaming.py)
-            awaitable = self._stream_call(live) if self._streaming else self._process_fn([rec.item for rec in live])
-        except (KeyboardInterrupt, SystemExit) as exc:
-            self._stop_on(exc, "process_fn")
-            raise
-        except BaseException as exc:  # process_fn raised before returning an awaitable: its own failure
-            if keep and isinstance(exc, Exception):
-                return Raised(exc)
-            return self._fail_with(live, batch_error(exc, len(live)))
-        # A task of its own, so that a process_fn that ignores cancellation cannot hold up stop().
-        finished: asyncio.Future[None] = loop.create_future()
-        task = loop.create_task(self._invoke(live, awaitable, finished))
-        self._calls.add(task)  # so that a stop() awaited inside process_fn knows where it is
-        try:
-            await finished  # set by the task itself as it ends: one hop less than a done-callback
-        except asyncio.CancelledError:  # only ours (stop): nobody else sees ``finished``
-            task.add_done_callback(consume)
-            task.cancel()
-            raise
-        finally:
-            self._calls.discard(task)
-        if not task.done():  # finished is set in the task's last step
-            await asyncio.wait((task,))
-        if task.cancelled():
-            return self._fail_with(
-                live, BatchAbortedError(f"process_fn was cancelled (raised CancelledError) on a batch of {len(live)}")
-            )
-        error = task.exception()
-        if isinstance(error, (KeyboardInterrupt, SystemExit)):
-            # asyncio has already raised it out of the event loop, from process_fn's task; here it stops the batcher
-            self._stop_on(error, "process_fn")
-            return error
-        if error is not None:
-            if keep and isinstance(error, Exception):
-                return Raised(error)
-            return self._fail_with(live, batch_error(error, len(live)))
-        return task.result()
-
-    async def _invoke(
-        self, live: list[Record[Any]], awaitable: Awaitable[Any], finished: asyncio.Future[None]
-    ) -> BaseException | None:
-        """Await what ``process_fn`` returned and deliver each result to its own record's future.
-
-        The results are delivered here, inside the task, so a caller wakes as
-        soon as ``process_fn`` returns, not one hop later when the slot does.
-        What ``process_fn`` raises propagates to ``_call``; a result list of
-        the wrong shape fails the batch here and is returned.  ``finished`` is
-        set on the way out, whatever happens.
-        """
-        try:
-            # typed Any: what process_fn really returns is checked below
-            results: Any = await awaitable
-        finally:
-            wake(finished)
-        if not isinstance(results, (list, tuple)):
-            return self._fail_with(
-                live,
-                TypeError(f"process_fn must return a list of {len(live)} results, got {type(results).__name__}"),
-            )
-        if len(results) != len(live):  # pyright: ignore[reportUnknownArgumentType]
-            return self._fail_with(
-                live,
-                ValueError(f"process_fn returned {len(results)} results for batch of {len(live)} records"),  # pyright: ignore[reportUnknownArgumentType]
-            )
-        completed = 0
-        for rec, result in zip(live, results, strict=True):  # pyright: ignore[reportUnknownVariableType,reportUnknownArgumentType]
-            if not rec.done():  # else cancelled by its caller meanwhile (counted then)
-                rec.set_result(result)
-                completed += 1
-        self._rec.completed += completed
-        return None
-
-    def _fail_with(self, live: list[Record[Any]], error: BaseException) -> BaseException:
-        logger.error("%s: batch of %d records failed: %r", type(self).__name__, len(live), error)
-        for rec in live:
-            if not rec.done():
-                rec.set_exception(error)
-                self._rec.failed += 1
-        return error
-
     def _report(self, on_batch: Callable[[BatchInfo], object], info: BatchInfo) -> None:
         try:
             on_batch(info)
@@ -248,23 +192,3 @@ class Processing(Core[RecordT, ResultT]):
             raise
         except BaseException:  # any other is the hook's own failure; a sync hook never receives our CancelledError
             logger.exception("%s: on_batch hook raised; ignored", type(self).__name__)
-
-
-def batch_error(error: BaseException, size: int) -> BaseException:
-    """What a batch's futures get when ``process_fn`` raises ``error``.
-
-    An ``Exception`` as it is; any other ``BaseException`` (``CancelledError``,
-    ``GeneratorExit``, a custom one) wrapped in [BatchAbortedError][], as a
-    caller's future must not look cancelled or interrupted itself.
-    """
-    if isinstance(error, Exception):
-        return error
-    wrapped = BatchAbortedError(f"process_fn raised {error!r} on a batch of {size}")
-    wrapped.__cause__ = error
-    return wrapped
-
-
-def consume(task: asyncio.Future[Any]) -> None:
-    """Mark a process_fn task's outcome as seen (it may end after an abort)."""
-    if not task.cancelled():
-        task.exception()

@@ -1,0 +1,166 @@
+"""Where a ``process_fn`` call runs (``_invoking.py``), and what that must not change.
+
+On Python 3.11+ the slot's own task awaits ``process_fn``; on 3.10 each call
+has a task of its own.  Every test here runs both ways (``where``): the 3.10
+way is forced by ``IN_SLOT = False``.  What must hold either way: a
+``process_fn`` that ignores, or swallows, the cancel of a stop that gave up
+cannot hold up ``stop()`` or a restart, and leaves the counters right; a
+``CancelledError`` it raises of itself fails only its batch; the asyncio
+tools that cancel the current task (``asyncio.timeout``, ``TaskGroup``) work
+inside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tokenbatcher import BatchAbortedError, BatcherStoppedError, DynamicBatcher, _invoking
+
+WAYS = ["in the slot", "a task per call"] if sys.version_info >= (3, 11) else ["a task per call"]
+
+
+@pytest.fixture(params=WAYS)
+def where(request: pytest.FixtureRequest) -> Iterator[str]:
+    saved = _invoking.IN_SLOT
+    _invoking.IN_SLOT = request.param == "in the slot"
+    try:
+        yield request.param
+    finally:
+        _invoking.IN_SLOT = saved
+
+
+def stubborn(*, swallow: bool) -> Any:
+    """A process_fn whose first call ignores cancellation (``swallow``: returns right after it)."""
+    calls = 0
+    release = asyncio.Event()
+
+    async def fn(batch: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    if swallow:
+                        return batch
+                    await release.wait()  # ignores the cancel until the test lets it go
+                    return batch
+        return batch
+
+    fn.release = release  # type: ignore[attr-defined]
+    return fn
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("swallow", [False, True])
+async def test_a_process_fn_ignoring_the_cancel_holds_up_neither_stop_nor_a_restart(where: str, swallow: bool) -> None:
+    fn = stubborn(swallow=swallow)
+    batcher = DynamicBatcher(fn, max_batch_size=1, dispatch="eager")
+    await batcher.start()
+    stuck = await batcher.submit(1)
+    waiting = await batcher.submit(2)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await batcher.stop(timeout=2.0)
+    assert loop.time() - t0 == pytest.approx(2.0)
+    for future in (stuck, waiting):
+        with pytest.raises(BatcherStoppedError, match=r"stop\(timeout=2.0\) ran out"):
+            future.result()
+    stats = batcher.stats
+    assert stats.in_flight_batches == 0  # the abort settled the batch its call never gave back
+    assert stats.total_batches == 1
+    await batcher.start()  # at once, whatever the stuck call does
+    assert await (await batcher.submit(3)) == 3
+    fn.release.set()  # the stuck call returns now: it must touch nothing of the new run
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert await (await batcher.submit(4)) == 4
+    await batcher.stop()
+    stats = batcher.stats
+    assert (stats.total_completed, stats.total_failed, stats.in_flight_batches) == (2, 2, 0)
+    with contextlib.suppress(asyncio.CancelledError):  # what is left of the stuck call, if anything
+        await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not asyncio.current_task()))
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_error_raised_by_process_fn_itself_fails_its_batch_only(where: str) -> None:
+    calls = 0
+
+    async def fn(batch: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.5)
+        if calls == 1:
+            raise asyncio.CancelledError
+        return batch
+
+    async with DynamicBatcher(fn, max_batch_size=1, dispatch="eager") as batcher:
+        first = await batcher.submit(1)
+        with pytest.raises(BatchAbortedError, match="process_fn was cancelled") as info:
+            await first
+        if where == "in the slot":  # a cancelled task keeps no exception to be the cause
+            assert isinstance(info.value.__cause__, asyncio.CancelledError)
+        assert await (await batcher.submit(2)) == 2
+        assert batcher.is_running
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout and TaskGroup are 3.11+")
+async def test_asyncio_timeout_and_task_groups_inside_process_fn_cancel_only_their_own_work(where: str) -> None:
+    async def fn(batch: list[float]) -> list[str]:
+        async with asyncio.timeout(1.0):  # type: ignore[attr-defined,unused-ignore]
+            async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined,unused-ignore]
+                tasks = [group.create_task(asyncio.sleep(x, result=f"slept {x}")) for x in batch]
+        return [t.result() for t in tasks]
+
+    async with DynamicBatcher(fn, max_batch_size=1, dispatch="eager") as batcher:
+        too_slow = await batcher.submit(5.0)
+        with pytest.raises(TimeoutError):
+            await too_slow
+        assert await (await batcher.submit(0.5)) == "slept 0.5"
+        assert batcher.is_running
+    assert batcher.stats.total_completed == 1
+
+
+@pytest.mark.asyncio
+async def test_a_process_fn_that_never_suspends_resolves_its_caller_and_serves_on(where: str) -> None:
+    async def at_once(batch: list[int]) -> list[int]:
+        return [x + 1 for x in batch]
+
+    async with DynamicBatcher(at_once, dispatch="eager") as batcher:
+        for i in range(50):
+            assert await (await batcher.submit(i)) == i + 1
+    stats = batcher.stats
+    assert (stats.total_completed, stats.in_flight_batches) == (50, 0)
+
+
+@pytest.mark.asyncio
+async def test_a_slot_whose_process_fn_never_suspends_lets_other_tasks_run_between_batches(where: str) -> None:
+    ticks = 0
+    seen: list[int] = []
+
+    async def at_once(batch: list[int]) -> list[int]:
+        seen.append(ticks)
+        return batch
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async with DynamicBatcher(at_once, max_batch_size=10, dispatch="eager") as batcher:
+        futures = [batcher.submit_nowait(i) for i in range(100)]  # queued in one step: ten batches' worth
+        other = asyncio.create_task(ticker())
+        await asyncio.wait(futures)
+        other.cancel()
+    assert len(seen) == 10
+    assert all(b > a for a, b in itertools.pairwise(seen)), seen  # the other task ran between every two batches
