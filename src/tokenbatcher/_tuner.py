@@ -88,7 +88,7 @@ class ArmEstimate:
     max_size: int
     """The arm's record cap."""
     records_per_s: float
-    """Records per second measured on the batches its limits closed lately."""
+    """Records per second measured on the batches formed under it lately (as they came: no mix correction)."""
     estimate: float
     """Records per second it is judged by (0.0 if over the latency target)."""
     batches: int
@@ -116,7 +116,7 @@ class TunerStats:
 
 
 class _Arm:
-    """Running averages over the batches an arm's limits closed (plain means while few)."""
+    """Running averages over the batches formed under an arm (plain means while few)."""
 
     __slots__ = ("batches", "checked", "cost", "last", "ratio", "records", "seconds", "work")
 
