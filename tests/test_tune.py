@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.tuning import embed_texts
 from conftest import run_virtual
 from tokenbatcher import DynamicBatcher, OverloadedError, TokenBatcher, batched
 
@@ -163,44 +164,6 @@ def test_it_recovers_after_a_drift() -> None:
         assert rate(sim, drift + 50, drift + 80) >= 0.9 * best_fixed(drifting, 256)
 
     run_virtual(main())
-
-
-def encoder_seconds(batch: list[int]) -> float:
-    """A CPU encoder: 5 ms a call, 7,000 padded tokens/s, dearer per token past 4,096 padded tokens."""
-    padded = len(batch) * max(batch)
-    return 0.005 + padded / 7000 * (1 + max(0, padded - 4096) / 16384)
-
-
-async def embed_texts(lengths: list[int], clients: int | None, **settings: Any) -> tuple[float, Any]:
-    """Texts/s (and the stats) of padded, similar_cost batches; ``clients`` awaiting, or every text at once."""
-
-    async def encode(batch: list[int]) -> list[int]:
-        await asyncio.sleep(encoder_seconds(batch))
-        return batch
-
-    loop = asyncio.get_running_loop()
-    batcher = TokenBatcher(
-        inference_fn=encode,
-        token_estimator=int,
-        batch_cost="padded",
-        grouping="similar_cost",
-        dispatch="eager",
-        max_queue_size=len(lengths),
-        **settings,
-    )
-    async with batcher:
-        start = loop.time()
-        if clients is None:
-            assert await asyncio.gather(*[await batcher.submit(n) for n in lengths]) == lengths
-        else:
-            texts = iter(lengths)
-
-            async def client() -> None:
-                for n in texts:
-                    assert await (await batcher.submit(n)) == n
-
-            await asyncio.gather(*(client() for _ in range(clients)))
-        return len(lengths) / (loop.time() - start), batcher.stats
 
 
 @pytest.mark.parametrize("clients", [32, None], ids=["32 clients", "every text at once"])

@@ -138,8 +138,11 @@ def offline(lengths: list[int], budget: int) -> float:
     return len(lengths) / (seconds + encoder_seconds(batch))
 
 
-async def _texts(lengths: list[int], feed: str, **settings: Any) -> float:
-    """Texts/s through our TokenBatcher, fed as ``feed`` says (see the module docstring)."""
+async def embed_texts(lengths: list[int], clients: int | None, **settings: Any) -> tuple[float, Any]:
+    """Texts/s (and the final stats) through our TokenBatcher: ``clients`` awaiting, or every text at once.
+
+    Padded, similar_cost, eager batches of ``encoder_seconds``; every result is checked.
+    """
     from tokenbatcher import TokenBatcher
 
     async def encode(batch: list[int]) -> list[int]:
@@ -158,17 +161,24 @@ async def _texts(lengths: list[int], feed: str, **settings: Any) -> float:
     )
     async with batcher:
         start = loop.time()
-        if feed == "job":
-            await asyncio.gather(*[await batcher.submit(n) for n in lengths])
+        if clients is None:
+            if await asyncio.gather(*[await batcher.submit(n) for n in lengths]) != lengths:
+                raise AssertionError("a text got another's result")
         else:
             texts = iter(lengths)
 
             async def client() -> None:
                 for n in texts:  # shared: each text goes to one client
-                    await (await batcher.submit(n))
+                    if await (await batcher.submit(n)) != n:
+                        raise AssertionError("a text got another's result")
 
-            await asyncio.gather(*(client() for _ in range(32)))
-        return len(lengths) / (loop.time() - start)
+            await asyncio.gather(*(client() for _ in range(clients)))
+        return len(lengths) / (loop.time() - start), batcher.stats
+
+
+async def _texts(lengths: list[int], feed: str, **settings: Any) -> float:
+    """Texts/s fed as ``feed`` says (see the module docstring)."""
+    return (await embed_texts(lengths, 32 if feed == "service" else None, **settings))[0]
 
 
 def texts_table(clock: str, count: int) -> list[str]:
