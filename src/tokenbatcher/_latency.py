@@ -87,6 +87,8 @@ QUANTILE = 0.9
 """Once ``QUANTILE_BATCHES`` batches ran after the warm-up, predictions are the model's times this quantile
 of its recent batches' durations over their predictions: planned as slow as one batch in ten runs."""
 QUANTILE_BATCHES = 16
+RUNNING_QUANTILE = 0.5
+"""A batch already running is planned to end at the model's prediction times this quantile of the same ratios."""
 PACKING_ALPHA = 0.2
 """Weight of the last batch in the running mean of how padded ``similar_cost`` batches are."""
 
@@ -123,6 +125,8 @@ class LatencyTarget(Admission):
         """Batches inside ``process_fn``, and when each is predicted to end."""
         self._scaled = DurationFit()
         """The model's fit with the safety margin applied."""
+        self._running_fit = DurationFit()
+        """The model's fit as slow as a typical batch runs: when a running batch is planned to end."""
         self._known = self._ready = False
         self._plan: Plan | None = None
         """None when it must be rebuilt."""
@@ -153,6 +157,8 @@ class LatencyTarget(Admission):
         mean = 1.0 + min(MARGIN * fit.fit_error, MAX_MARGIN)
         slow = self.model.ratio_quantile(QUANTILE, QUANTILE_BATCHES)
         self._scaled = _scaled(fit, mean if slow is None else min(max(slow, 1.0), 1.0 + MAX_MARGIN))
+        typical = self.model.ratio_quantile(RUNNING_QUANTILE, QUANTILE_BATCHES)
+        self._running_fit = self._scaled if typical is None else _scaled(fit, min(max(typical, 1.0), 1.0 + MAX_MARGIN))
         self._known, self._ready = fit.samples > 0, fit.ready
         self._plan = None
 
@@ -206,7 +212,7 @@ class LatencyTarget(Admission):
 
     def started(self, batch: Batch, n: int, total: int, counted: int, now: float) -> None:
         """A batch of ``n`` records, costing ``total`` (summed) and ``counted``, entered ``process_fn``."""
-        self._running[batch] = now + self.duration(n, counted)
+        self._running[batch] = now + self._running_fit.predict(n, counted)
         if self._similar and self._padded and total:
             self._packing += PACKING_ALPHA * (counted / total - self._packing)
         per_record = counted / n
