@@ -45,7 +45,11 @@ model's typical relative error).  A record is late only if its own batch
 overruns (the ones queued behind a slow batch are given up on, not served
 late), so the mean's margin leaves the slow tenth of the batches to make their
 oldest records late; the quantile leaves them room, at the price of smaller
-batches on a noisy model.  Each due time is also moved ``GUARD`` of the
+batches on a noisy model.  For the same reason a batch already running is
+planned to end as a typical one does (``RUNNING_QUANTILE``, the median
+ratio): if it overruns, the records planned behind it are given up on when
+it ends, and planning its end at the 90th percentile refused records the
+next batch had room for.  Each due time is also moved ``GUARD`` of the
 target earlier, for the event loop's own delays.
 
 *Warm-up.*  Until the first batch the model knows nothing: no cap, nothing
