@@ -4,7 +4,9 @@ The overload benchmark (``python -m tests.bench.overload``, ~20 minutes) and
 the real-model run (``python -m tests.bench.model_overload``) are measured
 apart from the rest of the suite; ``run.py`` renders their newest results files
 in ``tests/bench/results/`` into the page, and redraws the plot, each time it
-writes the page.
+writes the page.  A later run of a few systems and loads after a change of the
+policy (the newest ``confirm-overload-*.json``, its ``note`` saying what
+changed) is shown below the section, without replacing it.
 """
 
 from __future__ import annotations
