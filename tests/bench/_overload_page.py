@@ -4,7 +4,9 @@ The overload benchmark (``python -m tests.bench.overload``, ~20 minutes) and
 the real-model run (``python -m tests.bench.model_overload``) are measured
 apart from the rest of the suite; ``run.py`` renders their newest results files
 in ``tests/bench/results/`` into the page, and redraws the plot, each time it
-writes the page.
+writes the page.  A later run of a few systems and loads after a change of the
+policy (the newest ``confirm-overload-*.json``, its ``note`` saying what
+changed) is shown below the section, without replacing it.
 """
 
 from __future__ import annotations
@@ -146,27 +148,8 @@ def section(data: dict[str, Any], source: str, model: dict[str, Any] | None, mod
     for name, spec in data["models"].items():
         by = {(p["system"], p["load"]): p for p in data["points"] if p["model"] == name}
         loads = sorted({load for _, load in by})
-        md += [
-            f"### {name} model: capacity {spec['capacity_rps']:,.0f} records/s",
-            "",
-            "Goodput, records/s within the target (p99 of accepted records, ms; rejected):",
-            "",
-            "| load | " + " | ".join(labels[k] for k in order) + " |",
-            "|---:|" + "---:|" * len(order),
-        ]
-        for load in loads:
-            cells = []
-            for k in order:
-                p = by.get((k, load))
-                if p is None:
-                    cells.append("-")
-                    continue
-                rejected = p["rejected"] / p["arrivals"] if p["arrivals"] else 0.0
-                cells.append(
-                    f"**{p['goodput_rps']:,.0f}**<br>p99 {_ms(p['p99_ms'], p['p99_lower_bound'])}<br>{rejected:.0%}"
-                )
-            md.append(f"| {load:g}x | " + " | ".join(cells) + " |")
-        md.append("")
+        md += [f"### {name} model: capacity {spec['capacity_rps']:,.0f} records/s", ""]
+        md += _table(by, loads, labels, order)
         md += _causes(by, loads, labels)
     md += _lag_lines(data, labels)
     md += ["Systems:", ""]
@@ -175,6 +158,47 @@ def section(data: dict[str, Any], source: str, model: dict[str, Any] | None, mod
     md.append("")
     if model is not None and model_source is not None:
         md += model_lines(model, model_source)
+    return md
+
+
+def _table(by: dict[tuple[str, float], Any], loads: list[float], labels: dict[str, str], order: list[str]) -> list[str]:
+    """One model's goodput table: a row per load, a column per system."""
+    md = [
+        "Goodput, records/s within the target (p99 of accepted records, ms; rejected):",
+        "",
+        "| load | " + " | ".join(labels[k] for k in order) + " |",
+        "|---:|" + "---:|" * len(order),
+    ]
+    for load in loads:
+        cells = []
+        for k in order:
+            p = by.get((k, load))
+            if p is None:
+                cells.append("-")
+                continue
+            rejected = p["rejected"] / p["arrivals"] if p["arrivals"] else 0.0
+            p99 = _ms(p["p99_ms"], p["p99_lower_bound"])
+            cells.append(f"**{p['goodput_rps']:,.0f}**<br>p99 {p99}<br>{rejected:.0%}")
+        md.append(f"| {load:g}x | " + " | ".join(cells) + " |")
+    return [*md, ""]
+
+
+def confirm_lines(data: dict[str, Any], source: str) -> list[str]:
+    """A later run of a few systems and loads, after a change of the policy (its ``note`` says which)."""
+    settings = data["settings"]
+    labels = {s["key"]: s["label"] for s in data["systems"]}
+    order = [s["key"] for s in data["systems"] if s["available"]]
+    md = [
+        "### A later run, after a change of the policy",
+        "",
+        f"{data.get('note', '')} Measured {data['machine']['date']}, same harness and settings "
+        f"({settings['warmup']:g} s warm-up, {settings['duration']:g} s of arrivals, seed {settings['seed']}); "
+        f"raw results: `{source}`.",
+        "",
+    ]
+    for name in data["models"]:
+        by = {(p["system"], p["load"]): p for p in data["points"] if p["model"] == name}
+        md += [f"**{name} model.**", "", *_table(by, sorted({load for _, load in by}), labels, order)]
     return md
 
 
@@ -290,4 +314,8 @@ def render(img: Path) -> list[str]:
     model = json.loads(model_path.read_text()) if model_path is not None else None
     rel = f"tests/bench/results/{found.name}"
     model_rel = f"tests/bench/results/{model_path.name}" if model_path is not None else None
-    return section(data, rel, model, model_rel)
+    md = section(data, rel, model, model_rel)
+    confirm = newest("confirm-overload-*.json")
+    if confirm is not None:
+        md += confirm_lines(json.loads(confirm.read_text()), f"tests/bench/results/{confirm.name}")
+    return md
