@@ -16,7 +16,9 @@ in a module of its own, that share the state declared on [Core][]:
 - ``_latency.py``: with ``latency_target_s``, what the strategies consult:
   how large a batch may be, how long it may wait; ``_plan.py``: which
   records are let in;
-- ``_tuning.py``: with ``tune``, the limits the next batch is formed with;
+- ``_tuning.py``: with ``tune``, the limits the next batch is formed with
+  (``_tuner.py``: which limits, learned; ``_arms.py``: what it measured;
+  ``_durations.py``: the duration model it shares with ``latency_target_s``);
 - ``_processing.py``: a slot calls ``process_fn`` and resolves the futures
   (``_invoking.py``: the call itself, in the slot's task or one of its own);
 - ``_streaming.py`` (and ``_streams.py``): ``submit_stream``, and a streaming

@@ -49,96 +49,19 @@ predicted slower.  Before any batch is seen, that is one record.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
+from ._arms import SHAPE_ALPHA, Arm, ArmEstimate, Decision, TunerStats
 from ._durations import DurationModel
 from ._numbers import check_int
 
+__all__ = ["ArmEstimate", "Decision", "ThroughputTuner", "TunerStats"]
+
 TIE, TIE_MAX = 0.02, 0.05  # bounds of a tie: a relative difference in records/s taken for noise
 MARGIN = 0.03  # the gain that replaces the best arm
-SHAPE_ALPHA = 0.1  # weight of a new batch in an arm's average batch (records, cost, work, seconds)
-SPEED_ALPHA = 0.15  # and in its average speed relative to the duration model
-PRIOR_BATCHES = 3.0  # batches' worth of trust in the model when calibrating an arm against it
 GROWTH = 2  # arms beyond the largest measured one that a move may reach (a factor of 2 in batch size)
 START = 64.0  # the first decision: the ceilings divided by this
 NATURAL_ALPHA = 0.2  # weight of a new batch in the share of natural batches
 NATURAL = frozenset({"free_slot", "timeout"})  # closed with all the queue offered (within the limits)
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The limits for the next batch."""
-
-    budget: int
-    """The cost budget (<= ``target_batch_cost``)."""
-    max_size: int
-    """The most records (<= ``max_batch_size``)."""
-    arm: int
-    """Its place on the grid (0: the ceilings); hand the decision back to ``observe``."""
-    exploring: bool
-    """True while trying an arm other than the best known."""
-
-
-@dataclass(frozen=True, slots=True)
-class ArmEstimate:
-    """What the tuner knows about one arm."""
-
-    budget: int
-    """The arm's cost budget."""
-    max_size: int
-    """The arm's record cap."""
-    records_per_s: float
-    """Records per second measured on the batches formed under it lately (as they came: no mix correction)."""
-    estimate: float
-    """Records per second it is judged by (0.0 if over the latency target)."""
-    batches: int
-    """Batches measured since its evidence was last forgotten."""
-
-
-@dataclass(frozen=True, slots=True)
-class TunerStats:
-    """An immutable snapshot of the throughput tuner."""
-
-    budget: int
-    """The best arm's cost budget (the one used when not exploring)."""
-    max_size: int
-    """The best arm's record cap."""
-    exploring: bool
-    """True while trying another arm."""
-    batches: int
-    """Batches it has learned from."""
-    switches: int
-    """Times the chosen arm changed."""
-    target_cap: tuple[int, int] | None
-    """The (budget, max_size) the latency target allows at most (None without a target)."""
-    arms: tuple[ArmEstimate, ...]
-    """The arms measured lately, largest batches first."""
-
-
-class _Arm:
-    """Running averages over the batches formed under an arm (plain means while few)."""
-
-    __slots__ = ("batches", "checked", "cost", "last", "ratio", "records", "seconds", "work")
-
-    def __init__(self) -> None:
-        self.batches = self.checked = self.last = 0
-        self.records = self.cost = self.work = self.seconds = self.ratio = 0.0
-
-    def add(self, size: int, cost: float, work: float, seconds: float, predicted: float | None, step: int) -> None:
-        self.batches, self.last = self.batches + 1, step
-        new = max(SHAPE_ALPHA, 1 / self.batches)
-        self.records += new * (size - self.records)
-        self.cost += new * (cost - self.cost)
-        self.work += new * (work - self.work)
-        self.seconds += new * (seconds - self.seconds)
-        if predicted is not None:  # the model's error on this batch, while it is ready
-            self.checked += 1
-            self.ratio += max(SPEED_ALPHA, 1 / self.checked) * (predicted / max(seconds, 1e-12) - self.ratio)
-
-    def calibration(self) -> float:
-        """How much faster the arm runs than the model predicts, shrunk toward 1 while checked little."""
-        weight = min(self.checked, 2 / SPEED_ALPHA)
-        return self.ratio ** (weight / (weight + PRIOR_BATCHES)) if self.checked else 1.0
 
 
 class ThroughputTuner:
@@ -181,8 +104,8 @@ class ThroughputTuner:
         self._dwell, self._probe_every, self._memory = dwell, probe_every, memory
         self._ceilings, self._step = (target_batch_cost, max_batch_size), step
         self._limits = self._grid(costed=False)
-        self._arms = [_Arm() for _ in self._limits]
-        self._natural = _Arm()  # the batches the queue offered (closed by a free slot or the window)
+        self._arms = [Arm() for _ in self._limits]
+        self._natural = Arm()  # the batches the queue offered (closed by a free slot or the window)
         self._natural_share = 0.0  # running share of such batches: the natural batch counts while most are
         start = min(len(self._limits) - 1, round(math.log(START) / math.log(step)))
         self._current: int = start  # the arm the next batch uses
@@ -224,13 +147,13 @@ class ThroughputTuner:
         work = cost if work is None else work
         if cost > size and self._limits[-1][1] < self._ceilings[1]:
             self._limits = self._grid(costed=True)  # records with costs: from now on the budget alone scales
-            self._arms = [_Arm() for _ in self._limits]
+            self._arms = [Arm() for _ in self._limits]
             self._current = self._best = min(self._current, len(self._limits) - 1)
         self._per_record += SHAPE_ALPHA * (cost / size - self._per_record) if self._per_record else cost / size
         self._work_per_record += SHAPE_ALPHA * (work / size - self._work_per_record) if self._steps else work / size
         if self._model.fit.shifts != self._shifts:  # the speed changed: old measurements mislead
             self._shifts = self._model.fit.shifts
-            self._arms = [_Arm() for _ in self._limits]
+            self._arms = [Arm() for _ in self._limits]
         self._steps += 1
         natural = reason in NATURAL
         self._natural_share += NATURAL_ALPHA * (natural - self._natural_share)
@@ -250,7 +173,7 @@ class ThroughputTuner:
         """Compare the arms and pick the next one."""
         for k, arm in enumerate(self._arms):
             if arm.batches and self._steps - arm.last > self._memory:
-                self._arms[k] = _Arm()
+                self._arms[k] = Arm()
         scores, current = self._scores(), self._current
         if not self._model.fit.ready:  # slow start: smaller batches, one arm at a time, until the model can judge
             self._best = target = min(current + 1, len(self._limits) - 1)
