@@ -26,6 +26,7 @@ from typing_extensions import Self
 from ._calling import is_async_gen
 from ._perinstance import PerInstance, hold_owner, qualname
 from ._perloop import PerLoop
+from ._streams import Stream
 from ._token import TokenBatcher
 from ._types import RecordT, ResultT
 
@@ -86,20 +87,9 @@ class BatchedFunction(Generic[RecordT, ResultT]):
                 or what ``submit`` raises (a bad cost, say).
         """
         batcher = await self._loops.running()
-        if self._streams:  # the overloads of batched() made ResultT this Stream's type
-            stream = await batcher.submit_stream(
-                record,
-                estimated_tokens=estimated_tokens,
-                estimated_cost=estimated_cost,
-                timeout_s=timeout_s,
-                priority=priority,
-                key=key,
-            )
-            owner = getattr(self, "__self__", None)
-            if owner is not None:
-                hold_owner(stream, owner)
-            return cast("ResultT", stream)
-        future = await batcher.submit(
+        # For a streaming batch function, the overloads of batched() made ResultT this Stream's type.
+        submit = batcher.submit_stream if self._streams else batcher.call
+        result = await submit(
             record,
             estimated_tokens=estimated_tokens,
             estimated_cost=estimated_cost,
@@ -107,7 +97,9 @@ class BatchedFunction(Generic[RecordT, ResultT]):
             priority=priority,
             key=key,
         )
-        return await future
+        if self._streams and (owner := getattr(self, "__self__", None)) is not None:
+            hold_owner(cast("Stream[Any]", result), owner)
+        return cast("ResultT", result)
 
     @property
     def batcher(self) -> TokenBatcher[RecordT, ResultT]:
