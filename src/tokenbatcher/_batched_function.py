@@ -17,6 +17,8 @@ only the public API of the batcher.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import weakref
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, Generic, cast, overload
@@ -48,7 +50,9 @@ class BatchedFunction(Generic[RecordT, ResultT]):
         self._streams = is_async_gen(fn)
         self._loops: PerLoop[RecordT, ResultT] = PerLoop(fn, settings)
         weakref.finalize(self, self._loops.close_soon)  # dropped (a cell run again): stop its batchers
-        self._instances: PerInstance[RecordT, ResultT] = PerInstance(fn, settings)
+        self._lock = threading.Lock()  # shared with the bound methods made from this one
+        # A bound method's is made only if it is itself used as a descriptor (see __get__).
+        self._instances: PerInstance[RecordT, ResultT] | None = PerInstance(fn, settings, self._lock)
         for name in ("__module__", "__name__", "__qualname__", "__doc__"):
             if hasattr(fn, name):
                 setattr(self, name, getattr(fn, name))
@@ -87,9 +91,8 @@ class BatchedFunction(Generic[RecordT, ResultT]):
                 or what ``submit`` raises (a bad cost, say).
         """
         batcher = await self._loops.running()
-        # For a streaming batch function, the overloads of batched() made ResultT this Stream's type.
-        submit = batcher.submit_stream if self._streams else batcher.call
-        result = await submit(
+        submit = batcher.submit_stream if self._streams else batcher.submit
+        submitted = await submit(
             record,
             estimated_tokens=estimated_tokens,
             estimated_cost=estimated_cost,
@@ -97,9 +100,12 @@ class BatchedFunction(Generic[RecordT, ResultT]):
             priority=priority,
             key=key,
         )
-        if self._streams and (owner := getattr(self, "__self__", None)) is not None:
-            hold_owner(cast("Stream[Any]", result), owner)
-        return cast("ResultT", result)
+        if not self._streams:
+            return await cast("asyncio.Future[ResultT]", submitted)
+        owner = getattr(self, "__self__", None)
+        if owner is not None:
+            hold_owner(cast("Stream[Any]", submitted), owner)
+        return cast("ResultT", submitted)  # the overloads of batched() made ResultT this Stream's type
 
     @property
     def batcher(self) -> TokenBatcher[RecordT, ResultT]:
@@ -128,7 +134,17 @@ class BatchedFunction(Generic[RecordT, ResultT]):
         """On an instance: the batched method of that instance, with its own batchers."""
         if instance is None:
             return self
-        return _BoundBatched(self._instances.loops(instance), instance, self)
+        instances = self._instances
+        if instances is None:
+            instances = self._own_instances()
+        return _BoundBatched(instances.loops(instance), instance, self)
+
+    def _own_instances(self) -> PerInstance[RecordT, ResultT]:
+        """A bound method, itself used as a descriptor: a registry of its own, not the method's."""
+        with self._lock:
+            if self._instances is None:
+                self._instances = PerInstance(self._fn, self._settings, self._lock)
+            return self._instances
 
 
 class _BoundBatched(BatchedFunction[RecordT, ResultT]):
@@ -140,8 +156,8 @@ class _BoundBatched(BatchedFunction[RecordT, ResultT]):
         self._settings = method._settings
         self._streams = method._streams
         self._loops = loops
-        # Empty and its own: rebinding a bound method does not reach the method's instances.
-        self._instances = method._instances.empty_copy()
+        self._lock = method._lock
+        self._instances = None
         self.__self__ = instance  # held, as a bound method holds it, while a call waits
         self.__func__ = method
 

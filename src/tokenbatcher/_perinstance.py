@@ -87,20 +87,16 @@ class PerInstance(Generic[RecordT, ResultT]):
     Args:
         fn: The method's function (its first argument is the instance).
         settings: What every batcher is built with.
-        lock: Guards adding an instance; a new one if not given.
+        lock: Guards adding an instance; the method's, shared with its bound copies.
     """
 
     __slots__ = ("_by_id", "_fn", "_lock", "_settings")
 
-    def __init__(self, fn: Callable[..., Any], settings: BatcherSettings, lock: threading.Lock | None = None) -> None:
+    def __init__(self, fn: Callable[..., Any], settings: BatcherSettings, lock: threading.Lock) -> None:
         self._fn = fn
         self._settings = settings
-        self._lock = threading.Lock() if lock is None else lock
+        self._lock = lock
         self._by_id: dict[int, tuple[weakref.ref[Any], PerLoop[RecordT, ResultT]]] = {}
-
-    def empty_copy(self) -> PerInstance[RecordT, ResultT]:
-        """A registry of its own for the same method, sharing this one's lock (a bound method's)."""
-        return PerInstance(self._fn, self._settings, self._lock)
 
     def loops(self, instance: object) -> PerLoop[RecordT, ResultT]:
         """The batchers of ``instance``, made the first time it is met.
