@@ -5,7 +5,11 @@ keeps one per loop: created and started by the first call in that loop, and
 forgotten when the loop shuts down the way ``asyncio.run``, ``asyncio.Runner``
 and pytest-asyncio shut loops down (cancelling the tasks still running); a
 small watcher task per loop notices that.  Only the public API of the batcher
-(``start``, ``submit``, ``stop``) is used here.
+(``start``, ``is_running``, ``stop``) is used here.
+
+This module owns the loop-to-batcher registry and the batchers' start and
+stop.  It knows nothing of calls (``_batched_function.py``) or instances
+(``_perinstance.py``): it is handed a batch function and the settings.
 """
 
 from __future__ import annotations
