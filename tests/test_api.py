@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,10 @@ def test_all_is_complete_and_holds_every_reference_name() -> None:
 @pytest.mark.parametrize("name", tokenbatcher.__all__)
 def test_every_public_name_is_documented(name: str) -> None:
     obj = getattr(tokenbatcher, name)
+    # A type alias such as ``ProcessFn`` is documented by the docstring under it, which Python does not keep;
+    # on 3.10 ``inspect.isclass`` says True for ``Callable[...]`` aliases, so they are told apart explicitly.
+    if isinstance(obj, types.GenericAlias):
+        return
     if inspect.isclass(obj) or inspect.isfunction(obj):
         assert inspect.getdoc(obj), name
         for attr, member in vars(obj).items():

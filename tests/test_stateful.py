@@ -371,7 +371,7 @@ class BatcherMachine(RuleBasedStateMachine):
         async def go() -> bool:
             try:
                 await asyncio.wait_for(self.submit_and_record(b, item, cost, timeout_s, priority), wait or None)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # asyncio.wait_for's; the builtin TimeoutError only from 3.11
                 return False
             return True
 
@@ -432,7 +432,7 @@ class BatcherMachine(RuleBasedStateMachine):
             try:
                 batch = self.submit_batch_and_record(b, items, costs, timeout_s, priority)
                 await asyncio.wait_for(batch, wait or None)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # asyncio.wait_for's; the builtin TimeoutError only from 3.11
                 return False
             return True
 
