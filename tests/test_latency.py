@@ -358,36 +358,32 @@ def test_ratio_quantile_reads_recent_durations_over_their_predictions() -> None:
         model.ratio_quantile(1.5)
 
 
+@pytest.mark.parametrize(
+    ("cycle", "learn_s", "measure_s", "batches"),
+    [
+        # One batch in five runs 40% slow: the mean's margin (fit_error ~10%) would let those batches
+        # end past their oldest records' deadlines; planned at a high percentile, they end in time.
+        ((1.0, 1.0, 1.0, 1.0, 1.4), 1.0, 2.0, 20),
+        # One batch in twelve: the 90th percentile of the recent durations is the usual speed, the
+        # 95th the slow one.  Planned at the 95th, the slow batches still end in time (three at least).
+        ((1.4, *[1.0] * 11), 2.0, 3.0, 45),
+    ],
+    ids=["one in five slow", "one in twelve slow"],
+)
 @pytest.mark.asyncio
-async def test_batches_leave_room_for_the_slow_ones_the_recent_durations_show() -> None:
-    # One batch in five runs 40% slow: the mean's margin (fit_error ~10%) would let those batches
-    # end past their oldest records' deadlines; planned at the 90th percentile, they end in time.
-    model = Model(cycle=(1.0, 1.0, 1.0, 1.0, 1.4))
+async def test_batches_leave_room_for_the_slow_ones_the_recent_durations_show(
+    cycle: tuple[float, ...], learn_s: float, measure_s: float, batches: int
+) -> None:
+    model = Model(cycle=cycle)
     async with DynamicBatcher(model, dispatch="eager", latency_target_s=TARGET) as batcher:
         await warm_up(batcher)
-        await overload(batcher, rate=2_000, seconds=1.0)  # enough batches to read the quantile from
+        await overload(batcher, rate=2_000, seconds=learn_s)  # enough batches to read the quantile from
         learned = len(model.batches)
-        out = await overload(batcher, rate=2_000, seconds=2.0)
-    served = out["served"]
-    assert len(model.batches) - learned > 20
-    assert max(served) <= TARGET
-    # Batches of ~30 (predicted 40 ms at 1.0, 56 ms at 1.4): some 600 records/s.
-    assert len(served) / 2.0 > 500
-
-
-@pytest.mark.asyncio
-async def test_batches_leave_room_for_one_slow_batch_in_twenty() -> None:
-    # One batch in twelve runs 40% slow: the 90th percentile of the recent durations is the usual
-    # speed, the 95th the slow one.  Planned at the 95th, the slow batches still end in time.
-    model = Model(cycle=(1.4, *[1.0] * 11))
-    async with DynamicBatcher(model, dispatch="eager", latency_target_s=TARGET) as batcher:
-        await warm_up(batcher)
-        await overload(batcher, rate=2_000, seconds=2.0)  # enough batches to read the quantile from
-        learned = len(model.batches)
-        out = await overload(batcher, rate=2_000, seconds=3.0)
-    assert len(model.batches) - learned > 45  # three slow ones at least
+        out = await overload(batcher, rate=2_000, seconds=measure_s)
+    assert len(model.batches) - learned > batches
     assert max(out["served"]) <= TARGET
-    assert len(out["served"]) / 3.0 > 500
+    # Batches of ~30 (predicted 40 ms at 1.0, 56 ms at 1.4): some 600 records/s.
+    assert len(out["served"]) / measure_s > 500
 
 
 @pytest.mark.asyncio
