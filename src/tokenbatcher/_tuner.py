@@ -103,6 +103,7 @@ class ThroughputTuner:
         self._model, self._target = model, latency_target_s
         self._dwell, self._probe_every, self._memory = dwell, probe_every, memory
         self._ceilings, self._step = (target_batch_cost, max_batch_size), step
+        self._costed = False  # a record has cost more than 1: the budget alone scales
         self._limits = self._grid(costed=False)
         self._arms = [Arm() for _ in self._limits]
         self._natural = Arm()  # the batches the queue offered (closed by a free slot or the window)
@@ -145,12 +146,14 @@ class ThroughputTuner:
         del now
         check_int(size, "size", 1)
         work = cost if work is None else work
-        if cost > size and self._limits[-1][1] < self._ceilings[1]:
+        if cost > size and not self._costed:
+            self._costed = True
             self._limits = self._grid(costed=True)  # records with costs: from now on the budget alone scales
             self._arms = [Arm() for _ in self._limits]
             self._current = self._best = min(self._current, len(self._limits) - 1)
-        self._per_record += SHAPE_ALPHA * (cost / size - self._per_record) if self._per_record else cost / size
-        self._work_per_record += SHAPE_ALPHA * (work / size - self._work_per_record) if self._steps else work / size
+        first = not self._steps
+        self._per_record = _average(self._per_record, cost / size, first)
+        self._work_per_record = _average(self._work_per_record, work / size, first)
         if self._model.fit.shifts != self._shifts:  # the speed changed: old measurements mislead
             self._shifts = self._model.fit.shifts
             self._arms = [Arm() for _ in self._limits]
@@ -181,8 +184,7 @@ class ThroughputTuner:
                 self._current, self._on_arm, self._switches = target, 0, self._switches + 1
             return
         best = self._choose(scores)
-        largest = next(k for k, score in enumerate(scores) if score > -math.inf)
-        if best != largest and current == self._best and scores[best] <= scores[current] * (1 + MARGIN):
+        if best != _largest(scores) and current == self._best and scores[best] <= scores[current] * (1 + MARGIN):
             best = current  # not enough better to leave the best (ties go to the largest batches, no margin)
         self._best = target = best
         if scores[current] >= scores[best] * (1 - self._tie()):
@@ -218,7 +220,7 @@ class ThroughputTuner:
                 scores[k] = arm.work / max(arm.seconds, 1e-12) * per_work if arm.batches else -math.inf
                 continue
             near = arms[min(measured, key=lambda j: abs(j - k))]
-            records, cost, work = self._batch_at(k)
+            records, cost, work = self._batch_at(k, near)
             predicted = fit.predict(records, cost)
             if self._target is None or predicted <= self._target or k == len(arms) - 1:
                 scores[k] = work / max(predicted, 1e-12) * near.calibration() * per_work
@@ -228,20 +230,17 @@ class ThroughputTuner:
             scores[k] = max(scores[k], scores[largest]) if reachable else -math.inf  # not worse, a step at a time
         return scores
 
-    def _batch_at(self, k: int) -> tuple[float, float, float]:
+    def _batch_at(self, k: int, near: Arm) -> tuple[float, float, float]:
         """(records, cost, work) of arm ``k``'s batches: as measured, else extrapolated.
 
         An arm never measured forms batches of the recent work per record, padded as the nearest
-        measured arm's are (cost / work): a larger batch may pad more, so it is not assumed to pad less.
+        measured arm ``near``'s are (cost / work): a larger batch may pad more, so it is not assumed
+        to pad less.
         """
         arm = self._arms[k]
         if arm.batches:
             return arm.records, arm.cost, arm.work
-        measured = [j for j, other in enumerate(self._arms) if other.batches and other.work > 0]
-        padding = 1.0
-        if measured:
-            near = self._arms[min(measured, key=lambda j: abs(j - k))]
-            padding = near.cost / near.work
+        padding = near.cost / near.work if near.work > 0 else 1.0
         per_record = self._work_per_record * padding if self._work_per_record > 0 else self._per_record
         budget, size = self._limits[k]
         records = min(float(size), budget / per_record if per_record > 0 else math.inf)
@@ -263,7 +262,7 @@ class ThroughputTuner:
         """The best arm: the largest reachable unless beaten by two ties, else the largest within half a tie."""
         tie = self._tie()
         top = max(scores)
-        largest = next(k for k, score in enumerate(scores) if score > -math.inf)
+        largest = _largest(scores)
         if scores[largest] >= top * (1 - 2 * tie):
             return largest
         return next((k for k, score in enumerate(scores) if score >= top * (1 - tie / 2)), largest)
@@ -299,3 +298,13 @@ class ThroughputTuner:
             return 1, 1  # nothing known yet: one record
         records = max(1, fit.largest_batch(self._target, self._per_record, self._limits[0][1]))
         return max(1, math.floor(records * self._per_record)), records
+
+
+def _largest(scores: list[float]) -> int:
+    """The arm with the largest batches that may be chosen (a score above -inf)."""
+    return next(k for k, score in enumerate(scores) if score > -math.inf)
+
+
+def _average(mean: float, value: float, first: bool) -> float:
+    """``mean`` moved toward ``value`` by ``SHAPE_ALPHA`` (``value`` itself on the first batch)."""
+    return value if first else mean + SHAPE_ALPHA * (value - mean)
