@@ -7,33 +7,13 @@ render, and the time cap skips what it should.  No timing is asserted.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-SCALING = Path(__file__).resolve().parent / "bench" / "scaling.py"
-
-
-def _load() -> ModuleType:
-    """Import the benchmark by path: ``tests`` is not a package on every layout."""
-    name = "tokenbatcher_bench_scaling"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SCALING)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-scaling = _load()
+from bench import scaling  # tests/ is on sys.path (pytest's rootdir conftest), as in test_tune
 
 
 def _quiet(message: str) -> None:
@@ -61,6 +41,45 @@ def test_every_mode_drains_200_records_and_the_report_renders(
     assert "Goal check (issue 10, item 5)" in report
     assert "bytes per queued record" in report
     assert "per round trip" in report
+    assert set(results["floor"]) == {"submission", "priorities", "buckets", "buckets+priorities"}
+    assert all(by_depth["200"] > 0 for by_depth in results["floor"].values())
+    assert "The memory floor" in report
+    assert "net of the floor" in report
+
+
+def test_the_floor_visits_every_record_in_its_mode_order() -> None:
+    # Each order resolves every future once: a record visited twice would raise
+    # InvalidStateError, one skipped would leave the count short.
+    from bench import _memory_floor
+
+    costs, priorities = [5, 900, 5, 900, 40], [3, 0, 1, 0, 2]
+    for order in ("submission", "priorities", "buckets", "buckets+priorities"):
+        assert _memory_floor.visit_us(order, costs, priorities, scaling.time.process_time) >= 0
+
+
+def _point(drain_us: float) -> dict[str, Any]:
+    return {"skipped": False, "drain_us": drain_us}
+
+
+def test_goals_net_of_the_floor_subtract_each_mode_order_floor() -> None:
+    # priorities: 1.0 -> 2.0 raw (2x: not flat), but its floor grew 0.2 -> 0.9:
+    # net 0.8 -> 1.1 (1.4x: flat); against FIFO net (0.5 - 0.1 = 0.4 at 1M)
+    # it is 2.75x, not within 2x.
+    results: dict[str, Any] = {
+        "settings": {"depths": [10_000, 1_000_000]},
+        "modes": {
+            "fifo": {"points": {"10000": _point(0.5), "1000000": _point(0.5)}, "bytes_per_record": 1},
+            "priorities": {"points": {"10000": _point(1.0), "1000000": _point(2.0)}, "bytes_per_record": 1},
+        },
+        "floor": {
+            "submission": {"10000": 0.1, "1000000": 0.1},
+            "priorities": {"10000": 0.2, "1000000": 0.9},
+        },
+    }
+    g = scaling.goals(results)
+    assert g["flat"]["failures"] == ["priorities (2.00x)"]
+    assert g["net"]["flat"] == []
+    assert g["net"]["vs_fifo"] == ["priorities (1M: 2.8x)"]  # at 10k: 0.8 / 0.4, exactly 2x
 
 
 @pytest.mark.timeout(60)

@@ -27,7 +27,7 @@ import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._lanes import BUDGET_MET, Lane, Lanes, Top, dispatch_order, fill, submission_order
+from ._lanes import BUDGET_MET, NOTHING_REFUSED, Lane, Lanes, Top, dispatch_order, fill, submission_order, take_all
 
 if TYPE_CHECKING:
     from ._record import Limit, Record
@@ -73,6 +73,8 @@ class Buckets:
         bucket = self.by_index.get(index)
         if bucket is None:
             bucket = self.by_index[index] = Lanes()
+        if cost > bucket.top:
+            bucket.top = cost
         if not bucket.fronts:  # listed unless a look at its front found it empty
             nonempty = self.nonempty
             at = bisect.bisect_left(nonempty, index)
@@ -177,6 +179,7 @@ class Buckets:
         right = bisect.bisect_left(nonempty, where)  # the head's bucket, if it has more
         left = right - 1
         runs = 0  # buckets that gave records, each in dispatch order after the head
+        lanewise = False  # a whole bucket of several lanes went lane after lane
         while not full and n < max_size and (left >= 0 or right < len(nonempty)):
             # The side whose next bucket is nearer on the log scale goes first.
             if right >= len(nonempty):
@@ -193,7 +196,16 @@ class Buckets:
             index = nonempty[right] if go_right else nonempty[left]
             bucket = by_index[index]
             before = n
-            n, total, largest, stop = fill(bucket, batch, n, total, largest, budget, max_size, padded)
+            most = n + bucket.entries  # the batch's size if every entry were live and went
+            top = bucket.top if bucket.top > largest else largest
+            if most <= max_size and (most * top if padded else total + bucket.entries * bucket.top) <= budget:
+                # The whole bucket fits: take it without weighing each record.
+                lanewise = lanewise or len(bucket.fronts) > 1
+                added, cost, big = take_all(bucket, batch)
+                n, total, largest = n + added, total + cost, big if big > largest else largest
+                stop = BUDGET_MET if (n * largest if padded else total) == budget else NOTHING_REFUSED
+            else:
+                n, total, largest, stop = fill(bucket, batch, n, total, largest, budget, max_size, padded)
             if stop >= 0 and n < max_size:
                 # A record did not fit: later ones of its bucket may, a little smaller.
                 n, total, largest, full = self._fill_inside(index, batch, n, total, largest, budget, max_size, padded)
@@ -216,7 +228,7 @@ class Buckets:
                 if emptied:
                     right -= 1
                 left -= 1
-        if runs > 1:
+        if runs > 1 or lanewise:
             batch.sort(key=self.order)  # a merge of the runs, to hand the batch over in dispatch order
         if n >= max_size:
             return batch, "max_size", total

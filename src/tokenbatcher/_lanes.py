@@ -52,7 +52,7 @@ class Lanes:
     live record.
     """
 
-    __slots__ = ("by_offset", "entries", "fronts", "listed")
+    __slots__ = ("by_offset", "entries", "fronts", "listed", "top")
 
     def __init__(self) -> None:
         self.by_offset: dict[float, Lane] = {}
@@ -62,6 +62,8 @@ class Lanes:
         """Records held, stale ones included."""
         self.listed: Top | None = None
         """A cost bucket's entry in ``Buckets.tops``, never later than ``fronts[0]``."""
+        self.top = 0
+        """A cost bucket's largest cost pushed (``Buckets.push`` keeps it): no live record costs more."""
 
     def push(self, rec: Record[Any]) -> None:
         key = rec.key
@@ -235,6 +237,32 @@ def fill(
             break
     lanes.entries -= n - taken
     return n, total, largest, stop
+
+
+def take_all(lanes: Lanes, batch: list[Record[Any]]) -> tuple[int, int, int]:
+    """Move every live record of ``lanes`` to ``batch``, lane by lane, and empty them.
+
+    For a cost bucket that fits whole: no record is weighed against the
+    budget, and no heap orders the lanes (the caller sorts the batch when
+    there was more than one lane).  Returns how many records moved, their
+    total cost and the largest.
+    """
+    append = batch.append
+    n = total = largest = 0
+    for _, _, lane in lanes.fronts:
+        for rec in lane:
+            if rec.queued:
+                rec.queued = False
+                append(rec)
+                cost = rec.cost
+                n += 1
+                total += cost
+                if cost > largest:
+                    largest = cost
+        lane.clear()
+    lanes.fronts = []
+    lanes.entries = 0
+    return n, total, largest
 
 
 def take(lanes: Lanes, budget: int, max_size: int, padded: bool) -> tuple[list[Record[Any]], Limit | None, int]:

@@ -57,6 +57,13 @@ For each mode and each depth ``N`` (default 1k, 10k, 100k, 1M):
   the queue's containers -- and not the records themselves or the harness's
   list of futures, both built before the measurement starts.
 
+* The memory floor (``_memory_floor.py``; ``--no-floor`` skips it): the
+  same records, made afresh in submission order, visited in the order each
+  mode dispatches them with the least a drain must do per record, no batcher.
+  Out of submission order a deep queue misses the CPU's caches whatever the
+  algorithm; the goals are checked a second time on each figure minus its
+  order's floor, which leaves the batcher's own work.
+
 The modes
 ---------
 =============  ===========================================================
@@ -109,6 +116,8 @@ from typing import Any, Literal, TypeAlias
 
 import tokenbatcher
 from tokenbatcher import BatchCost, BatcherStoppedError, Dispatch, DynamicBatcher, Grouping
+
+from . import _memory_floor
 
 Clock: TypeAlias = Literal["cpu", "wall"]
 
@@ -488,6 +497,7 @@ def run(
     memory_depth: int | None = None,
     roundtrips: int = ROUNDTRIPS,
     seed: int = SEED,
+    with_floor: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the whole benchmark; return a JSON-able dict of results.
@@ -502,6 +512,7 @@ def run(
         memory_depth: Depth of the memory pass (default: the deepest depth, at most 100k).
         roundtrips: Round trips per round of the one-caller test (0 skips it).
         seed: Seed of the workload.
+        with_floor: Measure the memory floor of each mode's order (``_memory_floor``).
         log: Progress messages.
     """
     depths = sorted(depths)
@@ -569,6 +580,13 @@ def run(
         gc.collect()
         log(f"  {mode.name:>13} memory: {memory[mode.name]:.0f} bytes per queued record")
 
+    floor: dict[str, dict[str, float]] | None = None
+    if with_floor:
+        timer = time.process_time if clock == "cpu" else time.perf_counter
+        floor = _memory_floor.measure([m.name for m in chosen], depths, work.costs, work.priorities, timer)
+        for order, by_depth in floor.items():
+            log(f"  floor {order:>18}: " + ", ".join(f"{_us(v)}" for v in by_depth.values()) + " µs/record")
+
     trip = None
     if roundtrips:
         trip = roundtrip(roundtrips, clock=clock)
@@ -597,6 +615,7 @@ def run(
             }
             for mode in chosen
         },
+        "floor": floor,
         "roundtrip": trip,
         "elapsed_s": time.perf_counter() - started,
     }
@@ -685,10 +704,42 @@ def goals(results: dict[str, Any]) -> dict[str, Any]:
         if mode["bytes_per_record"] > BYTES_LIMIT
     ]
     return {
+        "net": _net_of_floor(results, pair),
         "flat": {"judged": pair is not None, "pair": pair, "failures": flat},
         "vs_fifo": {"judged": "fifo" in modes, "failures": vs_fifo},
         "memory": {"judged": True, "failures": heavy},
     }
+
+
+def _net_of_floor(results: dict[str, Any], pair: tuple[int, int] | None) -> dict[str, Any] | None:
+    """The flat and x-FIFO goals judged on each figure minus the memory floor of its mode's order."""
+    floor: dict[str, dict[str, float]] | None = results.get("floor")
+    modes: dict[str, Any] = results["modes"]
+    if not floor:
+        return None
+
+    def net(name: str, n: int) -> float | None:
+        point = modes[name]["points"][str(n)]
+        if point["skipped"]:
+            return None
+        return point["drain_us"] - floor[_memory_floor.ORDER_OF_MODE[name]][str(n)]
+
+    flat: list[str] = []
+    vs_fifo: list[str] = []
+    for name in modes:
+        if pair is not None:
+            deep, ref = net(name, pair[0]), net(name, pair[1])
+            if deep is not None and ref is not None and deep > FLAT_RATIO * ref:
+                flat.append(f"{name} ({deep / ref:.2f}x)")
+        if "fifo" in modes:
+            worst = []
+            for n in results["settings"]["depths"]:
+                mine, fifo = net(name, n), net("fifo", n)
+                if mine is not None and fifo is not None and mine > FIFO_RATIO * fifo:
+                    worst.append(f"{depth_label(n)}: {mine / fifo:.1f}x")
+            if worst:
+                vs_fifo.append(f"{name} ({', '.join(worst)})")
+    return {"flat": flat, "vs_fifo": vs_fifo}
 
 
 def format_report(results: dict[str, Any]) -> str:
@@ -742,6 +793,32 @@ def format_report(results: dict[str, Any]) -> str:
     else:
         lines.append("- Every mode <= 2x FIFO: not judged (fifo not run).")
     lines.append(_verdict(f"Every mode <= {BYTES_LIMIT:,} bytes per queued record", g["memory"]["failures"]))
+    floor = results.get("floor")
+    if floor:
+        lines += [
+            "",
+            f"### The memory floor: {unit} per record to visit the same records in each mode's order",
+            "",
+            "No batcher: fresh records, made in submission order, read in the order a mode dispatches them "
+            "(queued, cost, key), put in batches of 256, each future given its result "
+            "(`tests/bench/_memory_floor.py`). "
+            "Out of submission order, deep queues miss the CPU's caches whatever the algorithm.",
+            "",
+            "| order | modes | " + " | ".join(depth_label(n) for n in depths) + " |",
+            "|---|---|" + "---:|" * len(depths),
+        ]
+        for order, by_depth in floor.items():
+            users = ", ".join(m for m in modes if _memory_floor.ORDER_OF_MODE[m] == order)
+            lines.append(f"| {order} | {users} | " + " | ".join(_us(by_depth[str(n)]) for n in depths) + " |")
+        net = g["net"]
+        lines += [
+            "",
+            "The goals again, on each drain figure minus the floor of its mode's order (the batcher's own "
+            "work, without the cost of the order itself):",
+            "",
+            _verdict(f"Every mode flat, net of the floor ({FLAT_RATIO}x)", net["flat"]),
+            _verdict(f"Every mode <= {FIFO_RATIO:g}x FIFO, both net of their floors", net["vs_fifo"]),
+        ]
 
     lines += [
         "",
@@ -814,6 +891,9 @@ def plot(results: dict[str, Any], path: str) -> None:
                 color="grey",
                 label=f"goal: {FIFO_RATIO:g}x fifo",
             )
+    for order, by_depth in (results.get("floor") or {}).items():
+        ax.plot(depths, [by_depth[str(n)] for n in depths], linestyle=":", color="black", alpha=0.5, linewidth=1)
+        ax.annotate(f"floor: {order}", (depths[-1], by_depth[str(depths[-1])]), fontsize="x-small", alpha=0.7)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(depths, [depth_label(n) for n in depths])
@@ -847,6 +927,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--roundtrips", type=int, help=f"round trips per round (default {ROUNDTRIPS:,}; 0 skips)")
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--no-floor", action="store_true", help="skip the memory-floor pass")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     parser.add_argument("--plot", metavar="FILE", help="write a plot (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -875,6 +956,7 @@ def main(argv: list[str] | None = None) -> int:
             memory_depth=args.memory_depth,
             roundtrips=roundtrips,
             seed=args.seed,
+            with_floor=not args.no_floor,
             log=log,
         )
     except ValueError as exc:
