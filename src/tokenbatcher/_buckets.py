@@ -9,7 +9,9 @@ when they surface.
 
 A batch is the head record, always, then records from the buckets nearest to
 its own, outward.  It costs O(batch * log P + buckets) to form, whatever the
-depth of the queue.  Because every batch takes the head, a record with ``r``
+depth of the queue.  A bucket that fits whole (by its entry count and its
+largest cost pushed) is moved in one pass, lane by lane, with no record
+weighed against the budget; the batch is sorted at the end either way.  Because every batch takes the head, a record with ``r``
 live records ahead of it is dispatched within ``r + 1`` batches, as in FIFO
 (records that come ahead of it later, with a better priority, count in
 ``r``).
