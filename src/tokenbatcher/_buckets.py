@@ -11,10 +11,11 @@ A batch is the head record, always, then records from the buckets nearest to
 its own, outward.  It costs O(batch * log P + buckets) to form, whatever the
 depth of the queue.  A bucket that fits whole (by its entry count and its
 largest cost pushed) is moved in one pass, lane by lane, with no record
-weighed against the budget; the batch is sorted at the end either way.  Because every batch takes the head, a record with ``r``
-live records ahead of it is dispatched within ``r + 1`` batches, as in FIFO
-(records that come ahead of it later, with a better priority, count in
-``r``).
+weighed against the budget; the batch is sorted at the end either way.
+
+Because every batch takes the head, a record with ``r`` live records ahead of
+it is dispatched within ``r + 1`` batches, as in FIFO (records that come
+ahead of it later, with a better priority, count in ``r``).
 
 Owns: the buckets, the heap of their heads, and the similar-cost take.  Must
 not touch: the queue's counts (``size``, ``full``, stale entries: ``_pending.py``).

@@ -326,7 +326,8 @@ STANDALONE = [
         "scaling",
         "Every batching mode draining a queue filled in advance, with a no-op model: the batcher's own "
         "cost per record at 1k to 1M queued records (CPU time, so other processes on the machine "
-        "do not count), the memory a queued record takes, and one caller's round trip.",
+        "do not count), the memory a queued record takes, one caller's round trip, and the memory floor: "
+        "what visiting the same records in each mode's order costs with no batcher at all.",
         "python -m tests.bench.scaling \\\n"
         "    --json tests/bench/results/scaling.json --plot docs/pages/img/scaling.png",
         "img/scaling.png",

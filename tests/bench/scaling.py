@@ -880,9 +880,11 @@ def plot(results: dict[str, Any], path: str) -> None:
 
     depths: list[int] = results["settings"]["depths"]
     fig, ax = plt.subplots(figsize=(8, 5))
+    colors: dict[str, Any] = {}
     for name, mode in results["modes"].items():
         measured = [p for p in mode["points"].values() if not p["skipped"]]
-        ax.plot([p["n"] for p in measured], [p["drain_us"] for p in measured], marker="o", label=name)
+        (line,) = ax.plot([p["n"] for p in measured], [p["drain_us"] for p in measured], marker="o", label=name)
+        colors[name] = line.get_color()
         if name == "fifo" and measured:
             ax.plot(
                 [p["n"] for p in measured],
@@ -892,8 +894,15 @@ def plot(results: dict[str, Any], path: str) -> None:
                 label=f"goal: {FIFO_RATIO:g}x fifo",
             )
     for order, by_depth in (results.get("floor") or {}).items():
-        ax.plot(depths, [by_depth[str(n)] for n in depths], linestyle=":", color="black", alpha=0.5, linewidth=1)
-        ax.annotate(f"floor: {order}", (depths[-1], by_depth[str(depths[-1])]), fontsize="x-small", alpha=0.7)
+        first = next(name for name in results["modes"] if _memory_floor.ORDER_OF_MODE[name] == order)
+        ax.plot(
+            depths,
+            [by_depth[str(n)] for n in depths],
+            linestyle=":",
+            color=colors[first],
+            linewidth=1.2,
+            label=f"floor: {order} order",
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(depths, [depth_label(n) for n in depths])
