@@ -56,7 +56,9 @@ many late records.)  Each due time is also moved ``GUARD`` of the target
 earlier, for the event loop's own delays.
 
 *Warm-up.*  Until the first batch the model knows nothing: no cap, nothing
-refused or dropped.  From the first batch predictions cap batches and drop
+refused or dropped, and a wait closes half the target before the oldest
+record's due time at the latest (past its deadline the record would fail
+unprocessed, ``_overrun.py``, and the model would never learn).  From the first batch predictions cap batches and drop
 late records; admission waits until the model is ``ready`` (8 batches).
 *Staying alive.*  A batcher that is idle (nothing queued or running) admits
 any record, even one predicted too slow for its deadline, and records that
@@ -320,8 +322,10 @@ class LatencyTarget(Admission):
         """
         start = self._free_times(now)[0]
         n, counted, bound, due = self._first(start, drop=False)
-        if not n or not self._known:
+        if not n:
             return need, close_at
+        if not self._known:  # nothing to predict from: leave the batch half the target to run in
+            return need, max(now, min(close_at, due - self.target_s / 2))
         if bound:
             return need, now  # the queue holds all the target allows: close now
         # Look again halfway to what the target allows now (it shrinks as time passes).

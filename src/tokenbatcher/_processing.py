@@ -28,6 +28,9 @@ A batch whose first call succeeded then teaches the duration model
 what it raises is logged and ignored (but ``KeyboardInterrupt`` and
 ``SystemExit`` stop the batcher).
 
+With ``latency_target_s``, a record whose deadline comes while its batch
+runs fails then with ``TimeoutError`` (``_overrun.py``); the others wait on.
+
 Once the call is over (or an abort gave up on it), ``_settle`` counts the
 batch's time and teaches the models, once per batch.
 
@@ -46,6 +49,7 @@ from ._invoking import Invoking
 from ._isolate import Raised, isolate
 from ._keyed import group_of
 from ._lifecycle import explain
+from ._overrun import Overrun
 from ._pending import Record
 from ._stats import BatchInfo
 from ._types import RecordT, ResultT
@@ -94,8 +98,10 @@ class Processing(Invoking[RecordT, ResultT]):
             rec_stats.batch(n, total, counted, batch.reason)
             isolating = n > 1 and settings.on_batch_error == "isolate"
             retries = (0, 0)
+            overrun = None
             if self._latency is not None:
                 self._latency.started(batch, n, total, counted, started)
+                overrun = Overrun(loop, live, self._overran)
             self._in_flight += 1
             ok = False
             try:
@@ -109,6 +115,8 @@ class Processing(Invoking[RecordT, ResultT]):
                 else:
                     error = outcome
             finally:
+                if overrun is not None:
+                    overrun.cancel()
                 self._settle(batch, ok)
             self._out.discard(batch)  # every record is accounted for (or _abort failed them)
             if settings.on_batch is not None:
@@ -133,6 +141,17 @@ class Processing(Invoking[RecordT, ResultT]):
                 cause = None if isinstance(exc, asyncio.CancelledError) else exc
                 self._fail(batch.records, explain(cause), cause)
             raise
+
+    def _overran(self, rec: Record[Any]) -> None:
+        """``rec``'s deadline came while its batch ran (``_overrun.py``): ``TimeoutError``, its result dropped."""
+        rec.set_exception(
+            TimeoutError(
+                "record's batch was still running at its deadline (latency_target_s, or its timeout_s if "
+                "shorter); its result will be dropped"
+            )
+        )
+        self._rec.expired += 1
+        self._rec.overrun += 1
 
     def _settle(self, batch: Batch, ok: bool) -> None:
         """``batch`` left ``process_fn`` (``ok``: its first call succeeded): count its time, teach the models.
