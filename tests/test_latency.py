@@ -371,6 +371,30 @@ async def test_a_record_whose_batch_overruns_fails_at_its_deadline_and_the_other
 
 
 @pytest.mark.asyncio
+async def test_records_behind_a_batch_that_overruns_are_let_in_once_those_ahead_cannot_make_it() -> None:
+    model = Model()
+    async with DynamicBatcher(model, dispatch="eager", latency_target_s=TARGET) as batcher:
+        await warm_up(batcher)
+        model.slow = 10.0  # the next batch takes 110 ms, predicted 11
+        running = await batcher.submit(0)
+        await asyncio.sleep(0.001)
+        model.slow = 1.0
+        ahead = await batcher.submit(1)  # planned from 11 ms to 22 ms; due at 96 ms
+        await asyncio.sleep(0.080)
+        with pytest.raises(OverloadedError):  # the batch planned for it, and itself, cannot end in time
+            await batcher.submit(2, timeout_s=0.01)
+        await asyncio.sleep(0.009)
+        # At 90 ms the batch ahead (planned to start now) cannot end by 96 ms: it is given up on, and this
+        # record is planned to start in its place.  Kept, that plan refused every record until 110 ms.
+        behind = await batcher.submit(3)
+        assert await behind == ("done", 3)  # at 110 + 11 ms, within its 100 ms
+        for future, match in ((running, "still running"), (ahead, "waited")):
+            with pytest.raises(TimeoutError, match=match):
+                await future
+    assert [batch for _, batch in model.batches[8:]] == [[0], [3]]
+
+
+@pytest.mark.asyncio
 async def test_before_the_first_batch_a_wait_leaves_it_half_the_target() -> None:
     loop = asyncio.get_running_loop()
     async with DynamicBatcher(
