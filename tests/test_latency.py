@@ -595,3 +595,21 @@ async def test_on_the_real_clock_accepted_records_meet_a_generous_bound() -> Non
     # would hold seconds of work here.
     assert served[int(0.9 * len(served))] <= 1.5 * TARGET
     assert len(served) / 1.5 > 0.5 * 800
+
+
+@pytest.mark.asyncio
+async def test_with_records_waiting_the_model_learns_once_the_next_batch_is_in_process_fn() -> None:
+    seen: list[tuple[int, int]] = []  # (samples at the call, samples once it first suspended)
+
+    async def model(batch: list[int]) -> list[int]:
+        before = batcher.stats.duration_samples
+        await asyncio.sleep(0)
+        seen.append((before, batcher.stats.duration_samples))
+        await asyncio.sleep(BASE + PER * len(batch))
+        return batch
+
+    batcher = DynamicBatcher(model, dispatch="eager", max_batch_size=1, latency_target_s=TARGET)
+    async with batcher:
+        await asyncio.gather(*[batcher.submit_nowait(i) for i in range(3)])  # one batch each, back to back
+        assert batcher.stats.duration_samples == 3  # the last, with nothing waiting, at once
+    assert seen == [(0, 0), (0, 1), (1, 2)]

@@ -237,6 +237,10 @@ class LatencyTarget(Admission):
             self._learn()
         self._plan = None
 
+    def learned(self) -> None:
+        """The model has been fed a batch that finished earlier."""
+        self._learn()
+
     # ------------------------------------------------------------------ how much, and when
 
     def _batch(self, recs: list[Record[Any]], i: int, start: float, capped: bool) -> tuple[int, int, bool, float]:

@@ -206,7 +206,10 @@ class Admission:
 
     def _batch_goal(self) -> float:
         """How much slack a record needs to head a batch that does not start at once (see the module docstring)."""
-        if math.isinf(self._gap):
+        # A head that waits long for a batch predicted to end then is as late as that prediction is wrong:
+        # the noisier the model, the less of this slack is asked for.
+        trust = max(0.0, 1.0 - TRUST_SCALE * self.model.fit.fit_error)
+        if math.isinf(self._gap) or not trust:
             return 0.0
         gap = self._gap * self._slots  # each slot sees its share of the arrivals
         per_record = self._per_record_cost
@@ -220,9 +223,6 @@ class Admission:
         n = waiting.largest_batch(self.target_s * (1.0 - GUARD), per_record, self._max_size)
         if per_record > 0:
             n = min(n, int(self._budget / per_record))
-        # A head that waits long for a batch predicted to end then is as late as that prediction is wrong:
-        # the noisier the model, the less of this slack is asked for.
-        trust = max(0.0, 1.0 - TRUST_SCALE * self.model.fit.fit_error)
         return trust * self.duration(n, n * per_record) if n else 0.0
 
     def _refusal(self, cost: int, span: float, ends_s: float, retry: float) -> OverloadedError:
