@@ -164,3 +164,27 @@ async def test_a_slot_whose_process_fn_never_suspends_lets_other_tasks_run_betwe
         other.cancel()
     assert len(seen) == 10
     assert all(b > a for a, b in itertools.pairwise(seen)), seen  # the other task ran between every two batches
+
+
+@pytest.mark.parametrize("dispatch", ["eager", "window"])
+@pytest.mark.asyncio
+async def test_after_a_process_fn_that_suspended_the_next_batch_starts_before_the_callers_resume(
+    where: str, dispatch: str
+) -> None:
+    log: list[str] = []
+
+    async def model(batch: list[int]) -> list[int]:
+        log.append(f"start {batch[0]}")
+        await asyncio.sleep(0.01)
+        return batch
+
+    async def caller(future: asyncio.Future[int]) -> None:
+        log.append(f"resumed {await future}")
+
+    async with DynamicBatcher(model, max_batch_size=1, dispatch=dispatch, batch_timeout_s=0.001) as batcher:
+        futures = [batcher.submit_nowait(i) for i in range(3)]
+        await asyncio.gather(*(caller(f) for f in futures))
+    if where == "in the slot":  # the model is not left idle while the batch before's callers run
+        assert log == ["start 0", "start 1", "resumed 0", "start 2", "resumed 1", "resumed 2"]
+    else:  # the call's own task resolves the futures before it wakes the slot
+        assert log == ["start 0", "resumed 0", "start 1", "resumed 1", "start 2", "resumed 2"]

@@ -15,7 +15,8 @@ in a module of its own, that share the state declared on [Core][]:
 - ``_dispatch.py``: when a batch is taken and which slot runs it (window, eager);
 - ``_latency.py``: with ``latency_target_s``, what the strategies consult:
   how large a batch may be, how long it may wait; ``_plan.py``: which
-  records are let in;
+  records are let in; ``_predict.py``: how long a batch is planned to take;
+  ``_overrun.py``: a record whose batch still runs at its deadline fails then;
 - ``_tuning.py``: with ``tune``, the limits the next batch is formed with
   (``_tuner.py``: which limits, learned; ``_arms.py``: what it measured;
   ``_durations.py``: the duration model it shares with ``latency_target_s``);

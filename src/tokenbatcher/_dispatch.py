@@ -49,6 +49,13 @@ from ._lifecycle import RUNNING
 from ._stats import DispatchReason
 
 
+def turn(loop: asyncio.AbstractEventLoop) -> list[bool]:
+    """A flag that becomes true (not empty) once the event loop has turned: a callback scheduled now ran."""
+    turned: list[bool] = []
+    loop.call_soon(turned.append, True)
+    return turned
+
+
 class Strategy(abc.ABC):
     """The interface of a dispatch strategy (see the module docstring)."""
 
@@ -177,8 +184,9 @@ class Window(Strategy):
             if b._latency is not None:
                 b._latency.trim(batch.records, now)
             b._rec.idle_s += now - waited_from
+            turned = turn(loop)
             await b._run(batch, now, me)
-            if self._sealed:  # as Eager's slot does: let what the batch woke run first
+            if self._sealed and not turned:  # as Eager's slot does
                 await asyncio.sleep(0)
 
 
@@ -233,9 +241,12 @@ class Eager(Strategy):
                 batch = b._take(reason)
             now = loop.time()
             rec_stats.idle_s += now - waited_from
+            turned = turn(loop)
             await b._run(batch, now, me)
-            if b._pending.size:
+            if b._pending.size and not turned:
                 # More is queued.  A process_fn that returned without suspending kept the loop all
                 # along (it runs in this task, _invoking.py): let the tasks that the batch woke run
                 # before the next batch, as they would have while process_fn awaited something.
+                # One that suspended let the loop turn: the next batch goes at once, and the tasks
+                # this one woke run while it is in process_fn (not in the gap between the two).
                 await asyncio.sleep(0)

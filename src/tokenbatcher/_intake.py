@@ -30,6 +30,7 @@ from ._admission import Admission
 from ._errors import QueueFullError
 from ._keyed import KeyedRecord, keyed_kind
 from ._lifecycle import RUNNING
+from ._overrun import deadline
 from ._pending import Record
 from ._settings import MAX_COST, MAX_PRIORITY, MIN_PRIORITY, bad_cost, check_int, check_seconds
 from ._streams import use_submit_stream
@@ -99,11 +100,12 @@ class Intake(Admission[RecordT, ResultT]):
         rec.seq = self._seq
         rec.hook = self._cancel_hook
         rec.waiting = True
-        if self._latency is not None:
-            rec.due = now + self._latency.span(timeout_s)
         pending = self._pending
         pending.push(rec)
-        if timeout_s is not None:
+        if self._latency is not None:  # it waits at most its deadline (_overrun.py): a timeout_s of its own
+            rec.due = now + self._latency.span(timeout_s)
+            self._deadlines.add(loop, rec, deadline(rec) - now, pending.size)
+        elif timeout_s is not None:
             self._deadlines.add(loop, rec, timeout_s, pending.size)
         if self._arrival_waiters and (pending.size >= self._wake_need or pending.full):
             self._wake_arrivals()
@@ -246,7 +248,11 @@ class Intake(Admission[RecordT, ResultT]):
 
     def _expire(self, rec: Record[Any], timeout_s: float) -> None:
         """A waiting record's deadline came: it fails with ``TimeoutError`` and frees its place."""
-        self._drop(rec, TimeoutError(f"record waited {timeout_s}s in the queue (timeout_s) and was not processed"))
+        if self._latency is None:
+            waited = f"{timeout_s}s in the queue (timeout_s)"
+        else:
+            waited = f"{timeout_s:.6g}s in the queue (its deadline: latency_target_s, or its timeout_s if shorter)"
+        self._drop(rec, TimeoutError(f"record waited {waited} and was not processed"))
 
     def _miss(self, rec: Record[Any]) -> None:
         """The latency policy gave up on a record its wait made late: ``TimeoutError``, as an expiry."""

@@ -37,27 +37,15 @@ A keyed batcher's next batch is one key's: rule 1 looks at the records of the
 key that goes next (``in_order(next_only=True)``), and the cap applies to
 that key's batch.
 
-A batch is planned as slow as one batch in twenty runs: the model's
-prediction times the 95th percentile (``QUANTILE``) of recent batches'
-durations over their predictions (``DurationModel.ratio_quantile``), once 16
-batches ran after the warm-up; before, times ``1 + MARGIN * fit_error`` (the
-model's typical relative error).  A record is late only if its own batch
-overruns (the ones queued behind a slow batch are given up on, not served
-late), so the mean's margin leaves the slower batches to make their oldest
-records late; the quantile leaves them room, at the price of smaller batches
-on a noisy model.  For the same reason a batch already *running* is planned to
-end as a typical one does (``RUNNING_QUANTILE``, the median ratio): if it
-overruns, the records planned behind it are given up on when it ends.  Planning
-its end at the slow quantile too counted the margin twice: it refused records
-the next batch had room for, and the batch, starting earlier than planned, ran
-with more margin than needed.  (On the noisy overload bench, virtual clock, 12
-seeds: 1-3% more goodput at 0.9x-4x than the 90th percentile for both, as
-many late records.)  Each due time is also moved ``GUARD`` of the target
-earlier, for the event loop's own delays.
+How slow a batch is planned, and the predictions behind every rule, are in
+``_predict.py``.
 
 *Warm-up.*  Until the first batch the model knows nothing: no cap, nothing
-refused or dropped.  From the first batch predictions cap batches and drop
-late records; admission waits until the model is ``ready`` (8 batches).
+refused or dropped, and a wait closes half the target before the oldest
+record's due time at the latest (past its deadline the record would fail
+unprocessed, ``_overrun.py``, and the model would never learn).  From the
+first batch predictions cap batches and drop late records; admission waits
+until the model is ``ready`` (8 batches).
 *Staying alive.*  A batcher that is idle (nothing queued or running) admits
 any record, even one predicted too slow for its deadline, and records that
 were predicted too slow from the start are run rather than dropped: so a
@@ -73,7 +61,6 @@ queue's order.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -81,36 +68,15 @@ from typing import TYPE_CHECKING, Any
 
 from ._durations import DurationFit, DurationModel
 from ._pending import Limit, Record
-from ._plan import GUARD, Admission, Plan
+from ._plan import Admission, Plan
+from ._predict import Predictions
 
 if TYPE_CHECKING:
     from ._core import Batch, Core
     from ._settings import Settings
 
-MARGIN = 0.5
-"""Predicted durations are multiplied by ``1 + MARGIN * fit_error`` (at most ``1 + MAX_MARGIN``)."""
-MAX_MARGIN = 1.0
-QUANTILE = 0.95
-"""Once ``QUANTILE_BATCHES`` batches ran after the warm-up, predictions are the model's times this quantile
-of its recent batches' durations over their predictions: planned as slow as one batch in twenty runs."""
-QUANTILE_BATCHES = 16
-RUNNING_QUANTILE = 0.5
-"""A batch already running is planned to end at the model's prediction times this quantile of the same ratios."""
-PACKING_ALPHA = 0.2
-"""Weight of the last batch in the running mean of how padded ``similar_cost`` batches are."""
 
-
-def _scaled(fit: DurationFit, scale: float) -> DurationFit:
-    """``fit``'s coefficients times ``scale``."""
-    return DurationFit(
-        intercept_s=fit.intercept_s * scale,
-        per_record_s=fit.per_record_s * scale,
-        per_cost_s=fit.per_cost_s * scale,
-        per_cost_squared_s=fit.per_cost_squared_s * scale,
-    )
-
-
-class LatencyTarget(Admission):
+class LatencyTarget(Predictions, Admission):
     """The latency-target policy of one batcher (see the module docstring; admission is in ``_plan.py``).
 
     Args:
@@ -154,85 +120,6 @@ class LatencyTarget(Admission):
     def limit(self, budget: int, max_size: int) -> None:
         """Form batches within these limits (the tuner's, under the settings' ceilings) from now on."""
         self._budget, self._max_size = budget, max_size
-        self._plan = None
-
-    # ------------------------------------------------------------------ predictions
-
-    def _learn(self) -> None:
-        """Adopt the model's current fit."""
-        fit = self.model.fit
-        mean = 1.0 + min(MARGIN * fit.fit_error, MAX_MARGIN)
-        slow = self.model.ratio_quantile(QUANTILE, QUANTILE_BATCHES)
-        self._scaled = _scaled(fit, mean if slow is None else min(max(slow, 1.0), 1.0 + MAX_MARGIN))
-        typical = self.model.ratio_quantile(RUNNING_QUANTILE, QUANTILE_BATCHES)
-        self._running_fit = self._scaled if typical is None else _scaled(fit, min(max(typical, 1.0), 1.0 + MAX_MARGIN))
-        self._known, self._ready = fit.samples > 0, fit.ready
-        self._plan = None
-
-    def duration(self, n: int, counted: float) -> float:
-        """Predicted seconds for ``n`` records of counted cost ``counted``, with the safety margin."""
-        fit = self._scaled
-        return fit.intercept_s + fit.per_record_s * n + (fit.per_cost_s + fit.per_cost_squared_s * counted) * counted
-
-    def span(self, timeout_s: float | None) -> float:
-        """Seconds from submit to due: the target, or ``timeout_s`` if shorter; less the guard."""
-        span = self.target_s if timeout_s is None or timeout_s > self.target_s else timeout_s
-        return span * (1.0 - GUARD)
-
-    def _counted(self, n: int, total: int, largest: int) -> int:
-        """A batch's counted cost; padded, but grouped by similar cost, as padded as recent batches were."""
-        if not self._padded:
-            return total
-        if self._similar:
-            return min(n * largest, math.ceil(total * self._packing))
-        return n * largest
-
-    def _of(self, records: Sequence[Record[Any]]) -> float:
-        """Predicted seconds for a batch of exactly these records (not empty)."""
-        costs = [rec.cost for rec in records]
-        return self.duration(len(costs), len(costs) * max(costs) if self._padded else sum(costs))
-
-    def _feasible(self, rec: Record[Any]) -> bool:
-        """Could ``rec`` make its due time when it was submitted (alone, at once)?  False while nothing is known.
-
-        Only such records are given up on: one predicted too slow from the
-        start runs, so a model that has grown too pessimistic keeps learning.
-        """
-        return self._known and rec.t + self.duration(1, rec.cost) <= rec.due
-
-    def _late(self, rec: Record[Any], start: float) -> bool:
-        """Has waiting made ``rec`` miss its due time, starting alone at ``start``?"""
-        return start + self.duration(1, rec.cost) > rec.due and self._feasible(rec)
-
-    # ------------------------------------------------------------------ the slots
-
-    def _free_times(self, now: float) -> list[float]:
-        """When each slot is predicted free for a new batch, sorted: running batches, then held ones."""
-        free = [now] * (self._slots - len(self._running))
-        free += [max(now, end) for end in self._running.values()]
-        heapq.heapify(free)
-        for batch in self._b._strategy.held():
-            live = [rec for rec in batch.records if not rec.done()]
-            if live:
-                heapq.heapreplace(free, free[0] + self._of(live))
-        return sorted(free)
-
-    def started(self, batch: Batch, n: int, total: int, counted: int, now: float) -> None:
-        """A batch of ``n`` records, costing ``total`` (summed) and ``counted``, entered ``process_fn``."""
-        self._running[batch] = now + self._running_fit.predict(n, counted)
-        if self._similar and self._padded and total:
-            self._packing += PACKING_ALPHA * (counted / total - self._packing)
-        per_record = counted / n
-        self._per_record_cost += (
-            PACKING_ALPHA * (per_record - self._per_record_cost) if self._per_record_cost else per_record
-        )
-        self._plan = None
-
-    def finished(self, batch: Batch, *, learned: bool) -> None:
-        """A batch left ``process_fn``; ``learned``: the model has just been fed with it."""
-        self._running.pop(batch, None)
-        if learned:
-            self._learn()
         self._plan = None
 
     # ------------------------------------------------------------------ how much, and when
@@ -320,8 +207,10 @@ class LatencyTarget(Admission):
         """
         start = self._free_times(now)[0]
         n, counted, bound, due = self._first(start, drop=False)
-        if not n or not self._known:
+        if not n:
             return need, close_at
+        if not self._known:  # nothing to predict from: leave the batch half the target to run in
+            return need, max(now, min(close_at, due - self.target_s / 2))
         if bound:
             return need, now  # the queue holds all the target allows: close now
         # Look again halfway to what the target allows now (it shrinks as time passes).

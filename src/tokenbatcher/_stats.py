@@ -108,8 +108,9 @@ class BatchStats:
     total_cancelled: int = 0
     """Records whose future was cancelled by its caller before a result arrived."""
     total_expired: int = 0
-    """Records that got ``TimeoutError`` unprocessed: their ``timeout_s`` passed while queued, or, with
-    ``latency_target_s``, their wait made them miss their deadline."""
+    """Records that got ``TimeoutError`` instead of a result: their ``timeout_s`` passed while queued, or, with
+    ``latency_target_s``, their wait made them miss their deadline, or it came while their batch ran
+    (``total_overrun``)."""
     total_rejected: int = 0
     """Records refused: by ``submit_nowait`` because the queue was full, or with ``OverloadedError``."""
     pending: int = 0
@@ -154,6 +155,9 @@ class BatchStats:
     """Duration model: True after its warm-up (8 batches); admission control starts then."""
     predicted_wait_s: float = 0.0
     """Seconds from submit to result predicted for the most recent record submitted (refused or not)."""
+    total_overrun: int = 0
+    """With ``latency_target_s``: of ``total_expired``, records failed at their deadline while their batch was
+    in ``process_fn`` (their results, when the batch returned, were dropped)."""
     tuned_budget: int = 0
     """With ``tune="throughput"`` (else 0): the cost budget the tuner judges best now, in cost units (<= ceiling)."""
     tuned_max_size: int = 0
@@ -254,6 +258,7 @@ class Recorder:
         self.failed = 0
         self.cancelled = 0
         self.expired = 0
+        self.overrun = 0
         self.rejected = 0
         self.retries = 0
         self.isolated = 0
@@ -336,6 +341,7 @@ class Recorder:
             duration_fit_error=fit.fit_error,
             duration_ready=fit.ready,
             predicted_wait_s=predicted_wait_s,
+            total_overrun=self.overrun,
             tuned_budget=tuner.budget if tuner is not None else 0,
             tuned_max_size=tuner.max_size if tuner is not None else 0,
             tuned_exploring=tuner.exploring if tuner is not None else False,

@@ -196,6 +196,17 @@ def confirm_lines(data: dict[str, Any], source: str) -> list[str]:
         f"raw results: `{source}`.",
         "",
     ]
+    verdicts = goals(data)
+    if verdicts:
+        peers = ", ".join(s["label"] for s in data["systems"] if s["available"] and s["key"] in PEERS)
+        md += [
+            f"The goals, judged on this run (the other systems in it: {peers}):",
+            "",
+            '| goal (ours, `"eager"` with `latency_target_s`) | measured | verdict |',
+            "|---|---|---|",
+            *(f"| {goal} | {measured} | {_verdict(ok)} |" for goal, measured, ok in verdicts),
+            "",
+        ]
     for name in data["models"]:
         by = {(p["system"], p["load"]): p for p in data["points"] if p["model"] == name}
         md += [f"**{name} model.**", "", *_table(by, sorted({load for _, load in by}), labels, order)]
