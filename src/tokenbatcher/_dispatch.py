@@ -50,7 +50,11 @@ from ._stats import DispatchReason
 
 
 def turn(loop: asyncio.AbstractEventLoop) -> list[bool]:
-    """A flag that becomes true (not empty) once the event loop has turned: a callback scheduled now ran."""
+    """A flag that becomes true (not empty) once the event loop has turned: a callback scheduled now ran.
+
+    A slot watches it only when records already wait as it hands a batch
+    over; otherwise (``None``) it yields after the batch as it always did.
+    """
     turned: list[bool] = []
     loop.call_soon(turned.append, True)
     return turned
@@ -184,9 +188,9 @@ class Window(Strategy):
             if b._latency is not None:
                 b._latency.trim(batch.records, now)
             b._rec.idle_s += now - waited_from
-            turned = turn(loop)
+            turned = turn(loop) if self._sealed else None  # as Eager's slot does
             await b._run(batch, now, me)
-            if self._sealed and not turned:  # as Eager's slot does
+            if self._sealed and not turned:
                 await asyncio.sleep(0)
 
 
@@ -241,7 +245,8 @@ class Eager(Strategy):
                 batch = b._take(reason)
             now = loop.time()
             rec_stats.idle_s += now - waited_from
-            turned = turn(loop)
+            # Watched only while records wait: a lone caller's round trip does not pay for the callback.
+            turned = turn(loop) if b._pending.size else None
             await b._run(batch, now, me)
             if b._pending.size and not turned:
                 # More is queued.  A process_fn that returned without suspending kept the loop all
