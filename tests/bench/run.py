@@ -359,7 +359,8 @@ STANDALONE = [
         "result) and as a batch job (every text queued at once). The simulated models of "
         "`python -m tests.bench.tuning` (exact, on the virtual clock) are in [Tuning](tuning.md).",
         "python -m pip install -e '.[models,bench]'\n"
-        "python -m tests.bench.tuning_model --threads 1 \\\n    --json tests/bench/results/tuning_model.json",
+        "python -m tests.bench.tuning_model --threads 2 --repeats 3 \\\n"
+        "    --json tests/bench/results/tuning_model.json",
         None,
     ),
 ]

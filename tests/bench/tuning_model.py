@@ -250,9 +250,11 @@ def _warm(fn: Any, model: Any) -> Any:
 
 def format_report(result: dict[str, Any]) -> str:
     """The benchmarks page's section: a table per feed (``python -m tests.bench --from-json`` renders it)."""
+    loads = [row["load"] for rows in result["feeds"].values() for row in rows.values() if "load" in row]
     head = (
         f"all-MiniLM-L6-v2, {result['threads']} torch thread(s), texts/s; each variant run "
-        f"{result['repeats']} time(s), round-robin, the median shown (a loaded 2-core machine: other work ran)."
+        f"{result['repeats']} time(s), round-robin, the median shown; load average {min(loads):.1f}-"
+        f"{max(loads):.1f} on 2 cores as the variants started (the benchmark itself keeps both busy)."
     )
     return "\n".join([head, *(table(feed, rows, result) for feed, rows in result["feeds"].items())])
 
