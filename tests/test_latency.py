@@ -13,6 +13,7 @@ import contextlib
 import math
 import pickle
 import random
+import sys
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import run_virtual
-from tokenbatcher import DynamicBatcher, OverloadedError, QueueFullError, TokenBatcher
+from tokenbatcher import DynamicBatcher, OverloadedError, QueueFullError, TokenBatcher, _invoking
 from tokenbatcher._durations import DurationModel
 
 BASE, PER = 0.010, 0.001  # seconds per call, per unit of cost
@@ -598,7 +599,13 @@ async def test_on_the_real_clock_accepted_records_meet_a_generous_bound() -> Non
 
 
 @pytest.mark.asyncio
-async def test_with_records_waiting_the_model_learns_once_the_next_batch_is_in_process_fn() -> None:
+@pytest.mark.parametrize("in_slot", [True, False], ids=["in the slot", "a task per call"])
+async def test_with_records_waiting_the_model_learns_once_the_next_batch_is_in_process_fn(
+    in_slot: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if in_slot and sys.version_info < (3, 11):
+        pytest.skip("process_fn runs in its slot's task on Python 3.11+ only")
+    monkeypatch.setattr(_invoking, "IN_SLOT", in_slot)
     seen: list[tuple[int, int]] = []  # (samples at the call, samples once it first suspended)
 
     async def model(batch: list[int]) -> list[int]:
@@ -612,7 +619,10 @@ async def test_with_records_waiting_the_model_learns_once_the_next_batch_is_in_p
     async with batcher:
         await asyncio.gather(*[batcher.submit_nowait(i) for i in range(3)])  # one batch each, back to back
         assert batcher.stats.duration_samples == 3  # the last, with nothing waiting, at once
-    assert seen == [(0, 0), (0, 1), (1, 2)]
+    if in_slot:
+        assert seen == [(0, 0), (0, 1), (1, 2)]
+    else:  # each call's task takes its first step after the deferred lesson: nothing gained, nothing lost
+        assert seen == [(0, 0), (1, 1), (2, 2)]
 
 
 @pytest.mark.parametrize(("rate", "slow"), [(300, 1.0), (2_000, 1.4)], ids=["near capacity", "overload"])
