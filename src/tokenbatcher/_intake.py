@@ -30,7 +30,6 @@ from ._admission import Admission
 from ._errors import QueueFullError
 from ._keyed import KeyedRecord, keyed_kind
 from ._lifecycle import RUNNING
-from ._overrun import deadline
 from ._pending import Record
 from ._settings import MAX_COST, MAX_PRIORITY, MIN_PRIORITY, bad_cost, check_int, check_seconds
 from ._streams import use_submit_stream
@@ -102,9 +101,10 @@ class Intake(Admission[RecordT, ResultT]):
         rec.waiting = True
         pending = self._pending
         pending.push(rec)
-        if self._latency is not None:  # it waits at most its deadline (_overrun.py): a timeout_s of its own
-            rec.due = now + self._latency.span(timeout_s)
-            self._deadlines.add(loop, rec, deadline(rec) - now, pending.size)
+        latency = self._latency
+        if latency is not None:  # it waits at most its deadline (_overrun.py): a timeout_s of its own
+            rec.due = now + latency.span(timeout_s)
+            self._deadlines.add(loop, rec, latency.deadline_s(timeout_s), pending.size)
         elif timeout_s is not None:
             self._deadlines.add(loop, rec, timeout_s, pending.size)
         if self._arrival_waiters and (pending.size >= self._wake_need or pending.full):

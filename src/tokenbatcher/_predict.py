@@ -128,10 +128,13 @@ class Predictions:
         fit = self._scaled
         return fit.intercept_s + fit.per_record_s * n + (fit.per_cost_s + fit.per_cost_squared_s * counted) * counted
 
+    def deadline_s(self, timeout_s: float | None) -> float:
+        """Seconds from submit to a record's deadline: the target, or ``timeout_s`` if shorter."""
+        return self.target_s if timeout_s is None or timeout_s > self.target_s else timeout_s
+
     def span(self, timeout_s: float | None) -> float:
-        """Seconds from submit to due: the target, or ``timeout_s`` if shorter; less the guard."""
-        span = self.target_s if timeout_s is None or timeout_s > self.target_s else timeout_s
-        return span * (1.0 - GUARD)
+        """Seconds from submit to due: the deadline, less the guard."""
+        return self.deadline_s(timeout_s) * (1.0 - GUARD)
 
     def _counted(self, n: int, total: int, largest: int) -> int:
         """A batch's counted cost; padded, but grouped by similar cost, as padded as recent batches were."""
