@@ -57,7 +57,7 @@ import math
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._durations import DurationFit, DurationModel
+from ._durations import DurationFit
 from ._errors import OverloadedError
 from ._keyed import group_of
 
@@ -116,7 +116,6 @@ class Admission:
         _slots: int
         _scaled: DurationFit
         _per_record_cost: float
-        model: DurationModel
 
         def duration(self, n: int, counted: float) -> float: ...
 
