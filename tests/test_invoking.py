@@ -188,3 +188,35 @@ async def test_after_a_process_fn_that_suspended_the_next_batch_starts_before_th
         assert log == ["start 0", "start 1", "resumed 0", "start 2", "resumed 1", "resumed 2"]
     else:  # the call's own task resolves the futures before it wakes the slot
         assert log == ["start 0", "resumed 0", "start 1", "resumed 1", "start 2", "resumed 2"]
+
+
+@pytest.mark.asyncio
+async def test_records_arriving_while_batches_run_go_to_the_model_before_the_last_batch_s_callers_resume(
+    where: str,
+) -> None:
+    # Each record arrives while the batch before it runs, so the queue is empty each time a batch is
+    # handed over: from the second batch on, the slot knows records arrive while its batches run.
+    log: list[str] = []
+    started = [asyncio.Event() for _ in range(4)]
+
+    async def model(batch: list[int]) -> list[int]:
+        log.append(f"start {batch[0]}")
+        started[batch[0]].set()
+        await asyncio.sleep(0.01)
+        return batch
+
+    async def caller(future: asyncio.Future[int]) -> None:
+        log.append(f"resumed {await future}")
+
+    async with DynamicBatcher(model, dispatch="eager") as batcher:
+        callers = []
+        for i in range(4):
+            callers.append(asyncio.ensure_future(caller(batcher.submit_nowait(i))))
+            await started[i].wait()
+        await asyncio.gather(*callers)
+    if where == "in the slot":
+        # The first batch's caller resumes before the next batch (nothing had arrived during a batch yet);
+        # after that, the next batch goes first and the callers run while the model works.
+        assert log == ["start 0", "resumed 0", "start 1", "start 2", "resumed 1", "start 3", "resumed 2", "resumed 3"]
+    else:  # the call's own task resolves the futures before it wakes the slot
+        assert log == ["start 0", "resumed 0", "start 1", "resumed 1", "start 2", "resumed 2", "start 3", "resumed 3"]

@@ -52,8 +52,10 @@ from ._stats import DispatchReason
 def turn(loop: asyncio.AbstractEventLoop) -> list[bool]:
     """A flag that becomes true (not empty) once the event loop has turned: a callback scheduled now ran.
 
-    A slot watches it only when records already wait as it hands a batch
-    over; otherwise (``None``) it yields after the batch as it always did.
+    An eager slot watches it only when records wait as it hands a batch
+    over, or were queued when its last batch ended (they arrive while its
+    batches run); otherwise (``None``) it yields after the batch as it always
+    did.
     """
     turned: list[bool] = []
     loop.call_soon(turned.append, True)
@@ -214,6 +216,8 @@ class Eager(Strategy):
         me = asyncio.current_task()
         assert me is not None
         rec_stats = b._rec
+        arrived = False
+        """Records were queued when the last batch ended."""
         while True:
             waited_from = loop.time()
             batch: Batch | None = None
@@ -245,10 +249,12 @@ class Eager(Strategy):
                 batch = b._take(reason)
             now = loop.time()
             rec_stats.idle_s += now - waited_from
-            # Watched only while records wait: a lone caller's round trip does not pay for the callback.
-            turned = turn(loop) if b._pending.size else None
+            # Watched only while records wait, or arrived during the last batch: a lone caller's round
+            # trip does not pay for the callback.
+            turned = turn(loop) if b._pending.size or arrived else None
             await b._run(batch, now, me)
-            if b._pending.size and not turned:
+            arrived = b._pending.size > 0
+            if arrived and not turned:
                 # More is queued.  A process_fn that returned without suspending kept the loop all
                 # along (it runs in this task, _invoking.py): let the tasks that the batch woke run
                 # before the next batch, as they would have while process_fn awaited something.
