@@ -123,3 +123,68 @@ def test_the_command_line_rejects_bad_flags() -> None:
     )
     assert done.returncode == 2
     assert "--drain must be longer than the target" in done.stderr
+
+
+def test_the_page_section_renders_from_the_saved_results(tmp_path: Path) -> None:
+    # Every results file the section picks (the newest of each kind) must be one it can read.
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    page = importlib.import_module("tests.bench._overload_page")
+    text = "\n".join(page.render(tmp_path))
+    assert "### A later run, after a change of the policy" in text
+    assert "### Several seeds, each system in a process of its own" in text
+
+
+def test_the_seeds_runner_collects_one_run_per_seed_and_system(tmp_path: Path) -> None:
+    out = tmp_path / "seeds.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.bench.overload_seeds",
+            "--seeds",
+            "1,2",
+            "--systems",
+            "target,eager",
+            "--models",
+            "noisy",
+            "--loads",
+            "0.5,2",
+            "--duration",
+            "0.3",
+            "--drain",
+            "0.2",
+            "--clock",
+            "virtual",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted(runs) == ["seed1-eager", "seed1-target", "seed2-eager", "seed2-target"]
+    assert {run["settings"]["seed"] for run in runs.values()} == {1, 2}
+    assert all(len(run["points"]) == 2 for run in runs.values())
+    # The table has one row per load, each with both systems' means, and the goals judged at 2x.
+    assert "| 0.5x |" in done.stdout
+    assert "| 2x |" in done.stdout
+    assert "- 2x: ours" in done.stdout
+    assert "of capacity (goal 90%)" in done.stdout
+
+
+def test_the_seeds_runner_rejects_bad_seeds() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.bench.overload_seeds", "--seeds", "one", "--json", "x.json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--seeds must be comma-separated integers" in done.stderr

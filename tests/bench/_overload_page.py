@@ -6,7 +6,9 @@ apart from the rest of the suite; ``run.py`` renders their newest results files
 in ``tests/bench/results/`` into the page, and redraws the plot, each time it
 writes the page.  A later run of a few systems and loads after a change of the
 policy (the newest ``confirm-overload-*.json``, its ``note`` saying what
-changed) is shown below the section, without replacing it.
+changed) is shown below the section, without replacing it, and so is the
+newest run over several seeds (``seeds-overload-*.json``, written by
+``overload_seeds.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from . import overload_seeds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OURS = "target"
@@ -329,4 +333,7 @@ def render(img: Path) -> list[str]:
     confirm = newest("confirm-overload-*.json")
     if confirm is not None:
         md += confirm_lines(json.loads(confirm.read_text()), f"tests/bench/results/{confirm.name}")
+    seeds = newest("seeds-overload-*.json")
+    if seeds is not None:
+        md += overload_seeds.lines(json.loads(seeds.read_text()), f"tests/bench/results/{seeds.name}")
     return md
