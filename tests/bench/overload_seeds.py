@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = run(seeds, systems, passed, Path(workdir))
     data = {
         "note": args.note,
-        "command": " ".join(["python -m tests.bench.overload_seeds", *(argv or sys.argv[1:])]),
+        "command": shlex.join(["python", "-m", "tests.bench.overload_seeds", *(argv or sys.argv[1:])]),
         "runs": runs,
     }
     Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
