@@ -216,8 +216,7 @@ class Eager(Strategy):
         me = asyncio.current_task()
         assert me is not None
         rec_stats = b._rec
-        arrived = False
-        """Records were queued when the last batch ended."""
+        arrived = False  # records were queued when the last batch ended
         while True:
             waited_from = loop.time()
             batch: Batch | None = None
