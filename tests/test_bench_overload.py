@@ -19,6 +19,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def bench(module: str, *args: str, timeout: float = 110) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m module args...`` from the repository root, as its docstring says to."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
 @pytest.fixture(scope="module")
 def overload() -> ModuleType:
     if str(ROOT) not in sys.path:
@@ -80,29 +87,20 @@ async def test_a_short_drain_cuts_the_rest_and_the_report_renders(overload: Modu
 @pytest.mark.timeout(120)
 def test_the_command_line_runs_from_the_repository_root(tmp_path: Path) -> None:
     out = tmp_path / "overload.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.bench.overload",
-            "--systems",
-            "window,eager,tuned",
-            "--models",
-            "clean",
-            "--loads",
-            "0.5,2",
-            "--duration",
-            "0.2",
-            "--drain",
-            "0.2",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
+    done = bench(
+        "tests.bench.overload",
+        "--systems",
+        "window,eager,tuned",
+        "--models",
+        "clean",
+        "--loads",
+        "0.5,2",
+        "--duration",
+        "0.2",
+        "--drain",
+        "0.2",
+        "--json",
+        str(out),
     )
     assert done.returncode == 0, done.stderr
     assert "| load | offered/s |" in done.stdout
@@ -113,14 +111,7 @@ def test_the_command_line_runs_from_the_repository_root(tmp_path: Path) -> None:
 
 
 def test_the_command_line_rejects_bad_flags() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.bench.overload", "--drain", "0.01"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = bench("tests.bench.overload", "--drain", "0.01", timeout=60)
     assert done.returncode == 2
     assert "--drain must be longer than the target" in done.stderr
 
@@ -137,33 +128,24 @@ def test_the_page_section_renders_from_the_saved_results(tmp_path: Path) -> None
 
 def test_the_seeds_runner_collects_one_run_per_seed_and_system(tmp_path: Path) -> None:
     out = tmp_path / "seeds.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.bench.overload_seeds",
-            "--seeds",
-            "1,2",
-            "--systems",
-            "target,eager",
-            "--models",
-            "noisy",
-            "--loads",
-            "0.5,2",
-            "--duration",
-            "0.3",
-            "--drain",
-            "0.2",
-            "--clock",
-            "virtual",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
+    done = bench(
+        "tests.bench.overload_seeds",
+        "--seeds",
+        "1,2",
+        "--systems",
+        "target,eager",
+        "--models",
+        "noisy",
+        "--loads",
+        "0.5,2",
+        "--duration",
+        "0.3",
+        "--drain",
+        "0.2",
+        "--clock",
+        "virtual",
+        "--json",
+        str(out),
     )
     assert done.returncode == 0, done.stderr
     runs = json.loads(out.read_text())["runs"]
@@ -179,13 +161,6 @@ def test_the_seeds_runner_collects_one_run_per_seed_and_system(tmp_path: Path) -
 
 
 def test_the_seeds_runner_rejects_bad_seeds() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.bench.overload_seeds", "--seeds", "one", "--json", "x.json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = bench("tests.bench.overload_seeds", "--seeds", "one", "--json", "x.json", timeout=60)
     assert done.returncode == 2
     assert "--seeds must be comma-separated integers" in done.stderr
