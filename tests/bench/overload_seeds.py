@@ -79,7 +79,7 @@ def lines(data: dict[str, Any], source: str) -> list[str]:
         capacity = spec["capacity_rps"]
         md += [
             f"**{model} model**: goodput, records/s within {target_ms:g} ms, mean over the seeds "
-            "(each seed's figure in brackets), and the highest p99 of any seed.",
+            "(in parentheses: its share of capacity, then each seed's figure), and the highest p99 of any seed.",
             "",
             "| load | " + " | ".join(labels[s] for s in systems) + " |",
             "|---:|" + "---|" * len(systems),
