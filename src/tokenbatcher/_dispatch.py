@@ -52,10 +52,10 @@ from ._stats import DispatchReason
 def turn(loop: asyncio.AbstractEventLoop) -> list[bool]:
     """A flag that becomes true (not empty) once the event loop has turned: a callback scheduled now ran.
 
-    An eager slot watches it only when records wait as it hands a batch
-    over, or were queued when its last batch ended (they arrive while its
-    batches run); otherwise (``None``) it yields after the batch as it always
-    did.
+    A slot watches it only when it expects more work right after the batch
+    it hands over (a window slot: sealed batches wait; an eager slot: records
+    wait, or were queued when its last batch ended); otherwise (``None``) it
+    yields after the batch as it always did.
     """
     turned: list[bool] = []
     loop.call_soon(turned.append, True)

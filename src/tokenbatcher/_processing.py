@@ -147,12 +147,12 @@ class Processing(Invoking[RecordT, ResultT]):
                 self._fail(batch.records, explain(cause), cause)
             raise
 
-    def _observe(self, batch: Batch, ended: float, now: bool = True) -> None:
-        """Teach the duration model the run of ``batch``, which ended at ``ended``; ``now``: tell the policy."""
+    def _observe(self, batch: Batch, ended: float, notify: bool = True) -> None:
+        """Teach the duration model the run of ``batch``, which ended at ``ended``; ``notify``: tell the policy."""
         durations = self._durations
         if durations is not None:
             durations.observe(len(batch.records), batch.counted, batch.elapsed, ended)
-            if now and self._latency is not None:
+            if notify and self._latency is not None:
                 self._latency.learned()
 
     def _overran(self, rec: Record[Any]) -> None:
@@ -190,7 +190,7 @@ class Processing(Invoking[RecordT, ResultT]):
             loop.call_soon(self._observe, batch, ended)
             learned = False
         elif learned:
-            self._observe(batch, ended, now=False)
+            self._observe(batch, ended, notify=False)
         if self._latency is not None:
             self._latency.finished(batch, learned=learned)
         if self._tuning is not None:
