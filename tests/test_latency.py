@@ -619,3 +619,33 @@ async def test_batches_are_planned_as_slow_as_the_offered_load_calls_for(rate: i
         wait = batcher.stats.predicted_wait_s
         await asyncio.gather(*running, return_exceptions=True)
     assert wait == pytest.approx(BASE + PER * 20 + slow * (BASE + PER), rel=0.02)
+
+
+@pytest.mark.parametrize("early", [True, False], ids=["running batch ends early", "running batch ends as most do"])
+@pytest.mark.asyncio
+async def test_a_record_is_let_in_if_it_makes_its_deadline_when_the_running_batch_ends_early(early: bool) -> None:
+    # Two batches in five run 40% fast.  A running batch is planned to end as most do, and also as early as
+    # one in four does: the plan lets a record in if its batch, started that early, ends in time.  It is
+    # served if the running batch does end early, and shed (TimeoutError) if not; before, it was refused.
+    loop = asyncio.get_running_loop()
+    model = Model(cycle=(0.6, 0.6, 1.0, 1.0, 1.0))
+    async with DynamicBatcher(model, dispatch="eager", latency_target_s=TARGET) as batcher:
+        await warm_up(batcher)
+        await overload(batcher, rate=300, seconds=1.0)  # enough batches to read the quantiles from
+        while len(model.batches) % 5 != (4 if early else 1):  # the next batch is fast, or as most are
+            await batcher.call(-1)
+        t = loop.time()
+        running = await batcher.submit_batch(list(range(20)))  # planned to end at t + 30-34 ms, early at 18-21
+        await asyncio.sleep(0)
+        head = await batcher.submit(20)  # planned to start when the running batch ends, due at t + 95 ms
+        # Due at t + 36 ms: the batch of 20 and 21 (planned 12 ms) ends in time only if it starts early.
+        tight = await batcher.submit(21, timeout_s=0.038)
+        assert await asyncio.gather(*running) == [("done", i) for i in range(20)]
+        assert await head == ("done", 20)
+        if early:
+            assert await tight == ("done", 21)
+            assert loop.time() - t < 0.036
+        else:
+            with pytest.raises(TimeoutError, match="waited"):
+                await tight
+    assert model.batches[-1][1] == ([20, 21] if early else [20])

@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any
 from ._durations import DurationFit, DurationModel
 from ._pending import Limit, Record
 from ._plan import Admission, Plan
-from ._predict import Predictions
+from ._predict import Ends, Predictions
 
 if TYPE_CHECKING:
     from ._core import Batch, Core
@@ -94,7 +94,7 @@ class LatencyTarget(Predictions, Admission):
         """Padded and ``similar_cost``: recent batches' counted cost over their summed cost (>= 1)."""
         self._per_record_cost = 0.0
         """Running mean of recent batches' counted cost per record."""
-        self._running: dict[Batch, float] = {}
+        self._running: dict[Batch, Ends] = {}
         """Batches inside ``process_fn``, and when each is predicted to end."""
         self._scaled = DurationFit()
         """The model's fit with the safety margin applied."""

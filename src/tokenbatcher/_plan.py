@@ -3,11 +3,17 @@
 The plan lays the queued records out, in dispatch order, into the batches that
 ``_latency.py``'s rule 1 will form, one after another on the processing
 slots, from when each slot is predicted free (running batches, and sealed
-ones waiting for a slot, by their predicted durations).  Only its last batch
-(``_Tail``) and the other slots' free times are kept:
+ones waiting for a slot, by their predicted durations).  A running batch
+ends as a typical one does, or early (``_predict.py``), so each batch has two
+starts, and the plan keeps both.  Only its last batch (``_Tail``) and the
+other slots' free times are kept:
 
 * a new record joins the last batch if that batch still fits the hard limits
-  and is predicted to finish by every due time in it, the new one's included;
+  and, started early, is predicted to finish by every due time in it, the
+  new one's included.  Started as typical, its oldest records are then shed
+  (``_latency.py``), and a full batch of the later ones runs: after an early
+  end the batch is as large as after a typical one, not as small as the
+  records gathered by then would make it;
 * else it starts a batch of its own: after the last one on the first free
   slot.  But not behind a batch the *target* closed, on the same slot: that
   batch would start late and be as small as its first record's slack.  Under
@@ -20,15 +26,16 @@ ones waiting for a slot, by their predicted durations).  Only its last batch
   allow serves more.  ``_batch_goal``: at the measured arrival rate, a batch
   of ``n`` gathers its records over ``n`` gaps and then runs, so the largest
   ``n`` whose gathering plus running fits the target gives the slack asked
-  for.  The batch is planned as slow as ``_predict.py`` plans every batch,
-  which is the model's noise accounted for.  (Asking less the noisier the
+  for, at the batch's early start.  The batch is planned as slow as
+  ``_predict.py`` plans every batch, which is the model's noise accounted for.  (Asking less the noisier the
   model, as this rule once did, made smaller batches: on the noisy overload
   bench, virtual clock, 8 seeds of 8 s, 1% less goodput at 2x and 4x, the
   same below.)
 
 The plan is rebuilt from the queue (O(queue)) only after a batch was taken,
-started or finished, or the model changed, or when a batch running over its
-prediction has made the plan's last batch unable to end in time; in between,
+started or finished, or the model changed, or when a running batch, not
+ended by its early end, has made the plan's last batch unable to end in time
+even if it started now; in between,
 each admission is O(1).  (Rebuilt, the plan leaves out the records that can
 no longer make it, as ``take`` will: kept, that last batch refused every
 arrival until the overrun ended, though the records arriving late in a long
@@ -63,6 +70,7 @@ from ._keyed import group_of
 
 if TYPE_CHECKING:
     from ._core import Batch, Core
+    from ._predict import Ends
 
 MIN_RETRY_S = 0.001
 """The least ``retry_after_s``: a batch overrunning its prediction leaves the plan behind time."""
@@ -76,6 +84,9 @@ class _Tail(NamedTuple):
     """The plan's last batch."""
 
     start: float
+    """When it starts, if the batch before it on its slot ends as a typical one does."""
+    early: float
+    """When it starts if that batch ends early (``_predict.py``): no later than ``start``."""
     n: int
     total: int
     largest: int
@@ -91,6 +102,8 @@ class Plan(NamedTuple):
     tail: _Tail | None
     free: tuple[float, ...]
     """Sorted; ``max_concurrent_batches`` entries without a tail, one fewer with one."""
+    early: tuple[float, ...]
+    """The same slots' free times if their batches end early."""
 
 
 class Admission:
@@ -100,7 +113,7 @@ class Admission:
     _budget: int
     _max_size: int
     _ready: bool
-    _running: dict[Batch, float]
+    _running: dict[Batch, Ends]
     _plan: Plan | None
     """None when it must be rebuilt."""
     predicted_wait_s: float
@@ -121,7 +134,7 @@ class Admission:
 
         def _counted(self, n: int, total: int, largest: int) -> int: ...
 
-        def _free_times(self, now: float) -> list[float]: ...
+        def _free_times(self, now: float, *, early: bool = False) -> list[float]: ...
 
     def _place(
         self, plan: Plan, cost: int, due: float, now: float, group: Hashable, *, new: bool
@@ -132,41 +145,45 @@ class Admission:
         might end in time (see the module docstring).  The seconds until it
         would fit assume nothing else arrives meanwhile.
         """
-        tail, free = plan
+        tail, free, early = plan
         alone = self.duration(1, cost)
         if tail is not None:
-            start = max(tail.start, now)
+            start, soon = max(tail.start, now), max(tail.early, now)
             if tail.group is group or tail.group == group:
                 n, total, largest = tail.n + 1, tail.total + cost, max(tail.largest, cost)
                 counted = self._counted(n, total, largest)
                 hard = n > self._max_size or counted > self._budget
                 if not hard:
-                    end = start + self.duration(n, counted)
-                    if end <= min(due, tail.due):
-                        return Plan(_Tail(start, n, total, largest, min(due, tail.due), group), free), end, 0.0
+                    seconds = self.duration(n, counted)
+                    first = min(due, tail.due)
+                    if soon + seconds <= first:  # in time if the batch starts early; if not, its oldest are shed
+                        end = start + seconds if start + seconds <= due else soon + seconds
+                        joined = _Tail(tail.start, tail.early, n, total, largest, first, group)
+                        return Plan(joined, free, early), end, 0.0
             else:
                 hard = True  # another key's batch: this record cannot join it, whatever the target
-            ended = start + self.duration(tail.n, self._counted(tail.n, tail.total, tail.largest))
+            seconds = self.duration(tail.n, self._counted(tail.n, tail.total, tail.largest))
+            ended = start + seconds
             if new and not hard and (not free or free[0] >= ended):
                 # behind a batch the target closed: once that batch has started, as the head of the next
                 wait = max(tail.start - now, self._head_slack - (due - ended), ended + alone - due)
                 return None, ended + alone, wait
-            free = tuple(sorted((*free, ended)))
-        start = max(free[0], now)
+            free, early = tuple(sorted((*free, ended))), tuple(sorted((*early, soon + seconds)))
+        start, soon = max(free[0], now), max(early[0], now)
         end = start + alone
-        if new and start > now and due - start < self._head_slack:
-            return None, end, max(self._head_slack - (due - start), end - due)
-        return Plan(_Tail(start, 1, cost, cost, due, group), free[1:]), end, end - due
+        if new and start > now and due - soon < self._head_slack:
+            return None, end, max(self._head_slack - (due - soon), end - due)
+        return Plan(_Tail(start, soon, 1, cost, cost, due, group), free[1:], early[1:]), end, end - due
 
     def _current(self, now: float) -> Plan:
         """The plan of the queued records, rebuilt from the queue if something changed since."""
         plan = self._plan
         if plan is not None and plan.tail is not None:
             tail = plan.tail
-            if max(tail.start, now) + self.duration(tail.n, self._counted(tail.n, tail.total, tail.largest)) > tail.due:
+            if max(tail.early, now) + self.duration(tail.n, self._counted(tail.n, tail.total, tail.largest)) > tail.due:
                 plan = None  # a batch ran over: the last batch can no longer end in time, and is given up on
         if plan is None:
-            plan = Plan(None, tuple(self._free_times(now)))
+            plan = Plan(None, tuple(self._free_times(now)), tuple(self._free_times(now, early=True)))
             for rec in self._b._pending.in_order():
                 placed, end, _ = self._place(plan, rec.cost, rec.due, now, group_of(rec), new=False)
                 if placed is not None and end <= rec.due:  # else it is dropped when it reaches the head
