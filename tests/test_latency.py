@@ -14,15 +14,17 @@ import math
 import pickle
 import random
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import run_virtual
 from tokenbatcher import DynamicBatcher, OverloadedError, QueueFullError, TokenBatcher, _invoking
-from tokenbatcher._durations import DurationModel
+from tokenbatcher._durations import DurationFit, DurationModel
+from tokenbatcher._latency import LatencyTarget
 
 BASE, PER = 0.010, 0.001  # seconds per call, per unit of cost
 TARGET = 0.1
@@ -649,3 +651,31 @@ async def test_a_record_is_let_in_if_it_makes_its_deadline_when_the_running_batc
             with pytest.raises(TimeoutError, match="waited"):
                 await tight
     assert model.batches[-1][1] == ([20, 21] if early else [20])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    costs=st.lists(st.integers(0, 30), min_size=2, max_size=40),
+    dues=st.lists(st.floats(0.0, 0.2), min_size=40, max_size=40),
+    budget=st.integers(1, 1_500),
+    max_size=st.integers(1, 60),
+    batch_cost=st.sampled_from(["sum", "padded", "padded similar"]),
+    i=st.integers(0, 39),
+)
+@example(costs=[5, 0], dues=[1.0] + [0.0] * 39, budget=5, max_size=10, batch_cost="sum", i=0)  # at the budget exactly
+def test_sheds_quick_test_agrees_with_walking_each_batch(
+    costs: list[int], dues: list[float], budget: int, max_size: int, batch_cost: str, i: int
+) -> None:
+    # _shed tests "does the uncapped batch from record j end by its due time?" for several j.  When the hard
+    # limits leave the records whole, it answers from sums taken from the end instead of walking each batch.
+    policy = LatencyTarget.__new__(LatencyTarget)  # only what the two tests read
+    policy._budget, policy._max_size = budget, max_size
+    policy._padded, policy._similar, policy._packing = batch_cost != "sum", batch_cost.endswith("similar"), 1.3
+    policy._scaled = DurationFit(intercept_s=0.01, per_record_s=0.001, per_cost_s=0.0001)
+    policy._known = True
+    recs = [SimpleNamespace(cost=cost, due=due) for cost, due in zip(costs, dues[: len(costs)], strict=True)]
+    i = min(i, len(recs) - 1)
+    quick = policy._fits_all(recs, i, 0.0)  # type: ignore[arg-type]
+    assume(quick is not None)  # else the limits cut the records short, or might
+    walk = policy._fits_limited(recs, 0.0)  # type: ignore[arg-type]
+    assert [quick(j) for j in range(i, len(recs))] == [walk(j) for j in range(i, len(recs))]

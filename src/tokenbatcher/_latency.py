@@ -171,13 +171,11 @@ class LatencyTarget(Predictions, Admission):
         predicted to finish by its due time (binary search: later heads are due
         later, and their batches are no larger); ``i`` if there is none.
         """
-
-        def fits(j: int) -> bool:
-            n, counted, _, due = self._batch(recs, j, start, capped=False)
-            return start + self.duration(n, counted) <= due
-
         low, high = i, len(recs) - 1
-        if low >= high or not fits(high):
+        if low >= high:
+            return i
+        fits = self._fits_all(recs, i, start) or self._fits_limited(recs, start)
+        if not fits(high):
             return i
         while low < high:
             middle = (low + high) // 2
@@ -186,6 +184,45 @@ class LatencyTarget(Predictions, Admission):
             else:
                 low = middle + 1
         return low
+
+    def _fits_all(self, recs: list[Record[Any]], i: int, start: float) -> Callable[[int], bool] | None:
+        """``_shed``'s test when the hard limits leave ``recs[i:]`` whole (so every ``recs[j:]``): O(1) a test.
+
+        The uncapped batch from ``j`` is then all of ``recs[j:]``, and sums
+        from the end give its cost and its earliest due time.  Under a target
+        this is the usual case (time limits a batch before its budget does).
+        (Noisy overload bench, 2x, real clock: ``_shed`` from 0.18 to 0.07 ms
+        a call, and the target's part of a batch hand-over from 0.25 to 0.19
+        ms.)  None if the limits cut ``recs[i:]``, or might.
+        """
+        total = largest = 0
+        due = math.inf
+        suffix: list[tuple[int, int, float]] = [(0, 0, 0.0)] * len(recs)
+        for j in range(len(recs) - 1, i - 1, -1):
+            rec = recs[j]
+            total += rec.cost
+            largest = max(largest, rec.cost)
+            due = min(due, rec.due)
+            suffix[j] = (total, largest, due)
+        n = len(recs) - i
+        if n > self._max_size or self._counted(n, total, largest) >= self._budget:
+            return None  # (at the budget exactly, records of cost 0 could end a batch early)
+
+        def fits(j: int) -> bool:
+            total, largest, due = suffix[j]
+            n = len(recs) - j
+            return start + self.duration(n, self._counted(n, total, largest)) <= due
+
+        return fits
+
+    def _fits_limited(self, recs: list[Record[Any]], start: float) -> Callable[[int], bool]:
+        """``_shed``'s test in general: the uncapped batch from ``j``, walked within the hard limits."""
+
+        def fits(j: int) -> bool:
+            n, counted, _, due = self._batch(recs, j, start, capped=False)
+            return start + self.duration(n, counted) <= due
+
+        return fits
 
     def take(self, now: float) -> tuple[list[Record[Any]], Limit | None, bool]:
         """Take the next batch at ``now`` under the target: ``(records, limit, bound by the target)``."""
