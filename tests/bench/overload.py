@@ -89,6 +89,7 @@ import random
 import selectors
 import sys
 import time
+from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -173,7 +174,7 @@ async def _until(loop: asyncio.AbstractEventLoop, when: float) -> None:
 class SimulatedModel:
     """One serial accelerator following a [ModelSpec][]; ``closed`` makes it instant."""
 
-    def __init__(self, spec: ModelSpec, seed: int) -> None:
+    def __init__(self, spec: ModelSpec, seed: int, records: int = 0) -> None:
         self.spec = spec
         self.rng = random.Random(seed)
         self.sizes: list[int] = []
@@ -186,8 +187,11 @@ class SimulatedModel:
         """Seconds the model sat idle between two measured batches, and how many such gaps."""
         self.gaps = 0
         self.closed = False
-        self.ran: dict[Any, tuple[float, float, float]] = {}
-        """Per record: when its batch began running, that batch's noise-free duration, and its duration."""
+        self.began = array("d", [math.inf]) * records
+        """Per record (records are the ints ``0 .. records - 1``): when its batch began running."""
+        self.nominal = array("d", [0.0]) * records
+        """That batch's noise-free duration, and its duration."""
+        self.took = array("d", [0.0]) * records
 
     async def __call__(self, batch: list[Any]) -> list[Any]:
         if not self.closed:
@@ -203,7 +207,7 @@ class SimulatedModel:
             end = begin + seconds
             nominal = self.spec.base_s + self.spec.per_record_s * len(batch)
             for record in batch:
-                self.ran[record] = (begin, nominal, seconds)
+                self.began[record], self.nominal[record], self.took[record] = begin, nominal, seconds
             self.busy_until = end
             if measured:
                 self.busy_s += end - begin
@@ -375,10 +379,10 @@ class Point:
         return self.served + self.refused + self.shed + self.failed + self.cut
 
 
-def poisson_offsets(rate: float, duration: float, seed: int) -> list[float]:
-    """Arrival times in [0, duration) of a Poisson process at ``rate`` per second."""
+def poisson_offsets(rate: float, duration: float, seed: int) -> array[float]:
+    """Arrival times in [0, duration) of a Poisson process at ``rate`` per second (an array: see ``run_point``)."""
     rng = random.Random(seed)
-    offsets: list[float] = []
+    offsets = array("d")
     t = rng.expovariate(rate)
     while t < duration:
         offsets.append(t)
@@ -415,11 +419,13 @@ async def run_point(
     offsets = poisson_offsets(rate, warmup + duration, seed)
     n = len(offsets)
     first = bisect.bisect_left(offsets, warmup)  # the first measured arrival
-    model = SimulatedModel(spec, seed + 1)
-    outcome = [_PENDING] * n
-    latency = [math.nan] * n
-    arrived = [math.nan] * n
-    lags: list[float] = []
+    model = SimulatedModel(spec, seed + 1, n)
+    # Per arrival, in arrays: the collector does not walk them (lists of 100k+ entries each made its
+    # full collections, which stop the loop for every system, several times longer).
+    outcome = array("b", [_PENDING]) * n
+    latency = array("d", [math.nan]) * n
+    arrived = array("d", [math.nan]) * n
+    lags = array("d")
     errors: list[str] = []
     cut = False
     wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -516,7 +522,7 @@ async def run_point(
                 on_time += 1
             else:
                 point.served_late += 1
-                begin, nominal, seconds = model.ran.get(i, (math.inf, 0.0, 0.0))
+                begin, nominal, seconds = model.began[i], model.nominal[i], model.took[i]
                 if begin - arrived[i] + nominal <= target_s:
                     point.late_own_batch += 1
                     if seconds > STRAGGLER_SEEN * nominal:
