@@ -679,3 +679,27 @@ def test_sheds_quick_test_agrees_with_walking_each_batch(
     assume(quick is not None)  # else the limits cut the records short, or might
     walk = policy._fits_limited(recs, 0.0)  # type: ignore[arg-type]
     assert [quick(j) for j in range(i, len(recs))] == [walk(j) for j in range(i, len(recs))]
+
+
+@pytest.mark.parametrize(("timeout_s", "served"), [(0.03, False), (0.08, True)])
+@pytest.mark.asyncio
+async def test_a_batch_returning_after_a_stall_gives_no_result_past_its_deadline(timeout_s: float, served: bool) -> None:
+    # The loop stalls while the batch runs (a long callback, a garbage collection), and the batch returns
+    # 55 ms after the submit, before the timer of a deadline that passed meanwhile has had its turn.  The
+    # record fails as that timer would have failed it; before, which of the two ran first decided.
+    loop = asyncio.get_running_loop()
+
+    async def stalling(batch: list[int]) -> list[Any]:
+        await asyncio.sleep(0.005)
+        loop.advance(0.05)  # type: ignore[attr-defined]  # the virtual clock: a 50 ms stall
+        return [("done", x) for x in batch]
+
+    async with DynamicBatcher(stalling, dispatch="eager", latency_target_s=TARGET) as batcher:
+        future = await batcher.submit(1, timeout_s=timeout_s)
+        if served:
+            assert await future == ("done", 1)
+        else:
+            with pytest.raises(TimeoutError, match="still running"):
+                await future
+        stats = batcher.stats
+    assert (stats.total_completed, stats.total_overrun) == (1, 0) if served else (0, 1)

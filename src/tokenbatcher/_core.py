@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from ._dispatch import Strategy
     from ._latency import LatencyTarget
     from ._lifecycle import State
+    from ._overrun import Overrun
 
 logger = logging.getLogger("tokenbatcher")
 
@@ -84,7 +85,7 @@ def queue_limits(settings: Settings) -> tuple[int, int, bool, bool]:
 class Batch:
     """Records taken from the queue together, and why the batch was closed."""
 
-    __slots__ = ("counted", "elapsed", "reason", "records", "settled", "started", "work")
+    __slots__ = ("counted", "elapsed", "overrun", "reason", "records", "settled", "started", "work")
     records: list[Record[Any]]
     reason: DispatchReason
     # Set by the slot that runs it (``_processing.py``):
@@ -94,6 +95,8 @@ class Batch:
     """Its cost, as counted against the budget."""
     work: int
     """Its records' own costs, summed (``counted`` unless padded)."""
+    overrun: Overrun | None
+    """Started under a latency target: the timer that fails its records at their deadlines."""
     elapsed: float
     """Seconds it spent in ``process_fn`` (once settled)."""
     settled: bool
@@ -103,6 +106,7 @@ class Batch:
         self.records = records
         self.reason = reason
         self.settled = False
+        self.overrun = None
 
 
 class Core(Generic[RecordT, ResultT]):
@@ -163,6 +167,8 @@ class Core(Generic[RecordT, ResultT]):
         def _stream_call(self, live: list[Record[Any]]) -> Coroutine[Any, Any, list[None]]: ...
 
         def _miss(self, rec: Record[Any]) -> None: ...
+
+        def _overran(self, rec: Record[Any]) -> None: ...
 
         def _settle(self, batch: Batch, ok: bool) -> None: ...
 

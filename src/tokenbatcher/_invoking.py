@@ -66,7 +66,7 @@ class Invoking(Core[RecordT, ResultT]):
                 return Raised(exc)
             return self._fail_with(live, batch_error(exc, len(live)))
         if not IN_SLOT:  # pragma: no cover  (Python 3.10)
-            return await self._call_in_task(live, awaitable, keep)
+            return await self._call_in_task(batch, live, awaitable, keep)
         task = slot
         before = task.cancelling()  # type: ignore[attr-defined,unused-ignore]  # 3.11+
         calls = self._calls
@@ -94,16 +94,16 @@ class Invoking(Core[RecordT, ResultT]):
             del calls[task]
         if task.cancelling() > before:  # type: ignore[attr-defined,unused-ignore]
             raise asyncio.CancelledError  # process_fn swallowed the slot's cancel: the slot ends all the same
-        return self._deliver(live, results)
+        return self._deliver(batch, live, results)
 
     async def _call_in_task(
-        self, live: list[Record[Any]], awaitable: Awaitable[Any], keep: bool
+        self, batch: Batch, live: list[Record[Any]], awaitable: Awaitable[Any], keep: bool
     ) -> BaseException | Raised | None:  # pragma: no cover  (Python 3.10)
         """Await ``process_fn`` in a task of its own, so that a cancel of the slot is told from its own."""
         loop = self._loop
         assert loop is not None
         finished: asyncio.Future[None] = loop.create_future()
-        task = loop.create_task(self._invoke(live, awaitable, finished))
+        task = loop.create_task(self._invoke(batch, live, awaitable, finished))
         self._calls[task] = None  # so that a stop() awaited inside process_fn knows where it is
         try:
             await finished  # set by the task itself as it ends: one hop less than a done-callback
@@ -131,7 +131,7 @@ class Invoking(Core[RecordT, ResultT]):
         return task.result()
 
     async def _invoke(
-        self, live: list[Record[Any]], awaitable: Awaitable[Any], finished: asyncio.Future[None]
+        self, batch: Batch, live: list[Record[Any]], awaitable: Awaitable[Any], finished: asyncio.Future[None]
     ) -> BaseException | None:  # pragma: no cover  (Python 3.10)
         """The task of ``_call_in_task``: await ``process_fn`` and deliver the results; set ``finished`` on the way out.
 
@@ -142,10 +142,16 @@ class Invoking(Core[RecordT, ResultT]):
             results: Any = await awaitable
         finally:
             wake(finished)
-        return self._deliver(live, results)
+        return self._deliver(batch, live, results)
 
-    def _deliver(self, live: list[Record[Any]], results: Any) -> BaseException | None:
-        """Give each record its own result; a result list of the wrong shape fails the batch (returned)."""
+    def _deliver(self, batch: Batch, live: list[Record[Any]], results: Any) -> BaseException | None:
+        """Give each record its own result; a result list of the wrong shape fails the batch (returned).
+
+        With a latency target, a record whose deadline has passed gets ``TimeoutError`` instead, as its
+        timer would have given it (``_overrun.py``).
+        """
+        if batch.overrun is not None:
+            batch.overrun.fail_overdue()
         if not isinstance(results, (list, tuple)):
             return self._fail_with(
                 live,

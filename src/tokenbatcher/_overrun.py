@@ -12,7 +12,11 @@ accepted caller waits at most its deadline: a service can answer at once
 (HTTP 503) rather than late.
 
 Most batches end before their first deadline: the timer is armed and
-cancelled, and ``_fire`` never runs.
+cancelled, and ``_fire`` never runs.  A loop that stalled (a long callback,
+a garbage collection) may process a batch's return before the timer that
+came due meanwhile; so results are delivered only after ``fail_overdue``
+(``_invoking.py``), and a record's fate does not depend on which of the two
+the loop runs first.
 
 Owns: the timer of one running batch.  Must not touch: the batch's run, or
 how a failure is counted (the ``fail`` callback).
@@ -54,6 +58,15 @@ class Overrun:
 
     def _fire(self) -> None:
         now = max(self._loop.time(), self._armed)  # the loop may run a timer a clock tick early
+        self._armed = later = self._fail_due(now)
+        self._handle = self._loop.call_at(later, self._fire) if later < math.inf else None
+
+    def fail_overdue(self) -> None:
+        """The batch returned: fail its records whose deadline has passed, before the others get results."""
+        self._fail_due(self._loop.time())
+
+    def _fail_due(self, now: float) -> float:
+        """Fail each pending record whose deadline is ``now`` or earlier; the next deadline (inf if none)."""
         later = math.inf
         for rec in self._records:
             if not rec.done():
@@ -62,8 +75,7 @@ class Overrun:
                     self._fail(rec)
                 else:
                     later = min(later, when)
-        self._armed = later
-        self._handle = self._loop.call_at(later, self._fire) if later < math.inf else None
+        return later
 
     def cancel(self) -> None:
         """The batch left ``process_fn`` (or was given up on): no more timeouts."""

@@ -27,10 +27,10 @@ other slots' free times are kept:
   of ``n`` gathers its records over ``n`` gaps and then runs, so the largest
   ``n`` whose gathering plus running fits the target gives the slack asked
   for, at the batch's early start.  The batch is planned as slow as
-  ``_predict.py`` plans every batch, which is the model's noise accounted for.  (Asking less the noisier the
-  model, as this rule once did, made smaller batches: on the noisy overload
-  bench, virtual clock, 8 seeds of 8 s, 1% less goodput at 2x and 4x, the
-  same below.)
+  ``_predict.py`` plans every batch, which is the model's noise accounted
+  for.  (Asking less the noisier the model, as this rule once did, made
+  smaller batches: on the noisy overload bench, virtual clock, 8 seeds of
+  8 s, 1% less goodput at 2x and 4x, the same below.)
 
 The plan is rebuilt from the queue (O(queue)) only after a batch was taken,
 started or finished, or the model changed, or when a running batch, not
@@ -181,7 +181,7 @@ class Admission:
         if plan is not None and plan.tail is not None:
             tail = plan.tail
             if max(tail.early, now) + self.duration(tail.n, self._counted(tail.n, tail.total, tail.largest)) > tail.due:
-                plan = None  # a batch ran over: the last batch can no longer end in time, and is given up on
+                plan = None  # a batch ran on: the last batch can no longer end in time, and is given up on
         if plan is None:
             plan = Plan(None, tuple(self._free_times(now)), tuple(self._free_times(now, early=True)))
             for rec in self._b._pending.in_order():

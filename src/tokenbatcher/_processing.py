@@ -106,7 +106,7 @@ class Processing(Invoking[RecordT, ResultT]):
             overrun = None
             if self._latency is not None:
                 self._latency.started(batch, n, total, counted, started)
-                overrun = Overrun(loop, live, self._overran)
+                overrun = batch.overrun = Overrun(loop, live, self._overran)
             self._in_flight += 1
             ok = False
             try:
