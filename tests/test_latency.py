@@ -683,7 +683,9 @@ def test_sheds_quick_test_agrees_with_walking_each_batch(
 
 @pytest.mark.parametrize(("timeout_s", "served"), [(0.03, False), (0.08, True)])
 @pytest.mark.asyncio
-async def test_a_batch_returning_after_a_stall_gives_no_result_past_its_deadline(timeout_s: float, served: bool) -> None:
+async def test_a_batch_returning_after_a_stall_gives_no_result_past_its_deadline(
+    timeout_s: float, served: bool
+) -> None:
     # The loop stalls while the batch runs (a long callback, a garbage collection), and the batch returns
     # 55 ms after the submit, before the timer of a deadline that passed meanwhile has had its turn.  The
     # record fails as that timer would have failed it; before, which of the two ran first decided.
