@@ -103,10 +103,9 @@ class Processing(Invoking[RecordT, ResultT]):
             rec_stats.batch(n, total, counted, batch.reason)
             isolating = n > 1 and settings.on_batch_error == "isolate"
             retries = (0, 0)
-            overrun = None
             if self._latency is not None:
                 self._latency.started(batch, n, total, counted, started)
-                overrun = batch.overrun = Overrun(loop, live, self._overran)
+                batch.overrun = Overrun(loop, live, self._overran)
             self._in_flight += 1
             ok = False
             try:
@@ -120,8 +119,8 @@ class Processing(Invoking[RecordT, ResultT]):
                 else:
                     error = outcome
             finally:
-                if overrun is not None:
-                    overrun.cancel()
+                if batch.overrun is not None:
+                    batch.overrun.cancel()
                 self._settle(batch, ok)
             self._out.discard(batch)  # every record is accounted for (or _abort failed them)
             if settings.on_batch is not None:
