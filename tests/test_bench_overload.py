@@ -122,7 +122,9 @@ def test_the_page_section_renders_from_the_saved_results(tmp_path: Path) -> None
         sys.path.insert(0, str(ROOT))
     page = importlib.import_module("tests.bench._overload_page")
     text = "\n".join(page.render(tmp_path))
-    assert "### A later run, after a change of the policy" in text
+    full, confirm = page.newest("overload-*.json"), page.newest("confirm-overload-*.json")
+    newer = confirm is not None and confirm.name.removeprefix("confirm-") > full.name
+    assert ("### A later run, after a change of the policy" in text) == newer
     assert "### Several seeds, each system in a process of its own" in text
 
 
@@ -133,11 +135,15 @@ def test_the_seeds_runner_collects_one_run_per_seed_and_system(tmp_path: Path) -
         "--seeds",
         "1,2",
         "--systems",
-        "target,eager",
+        "target,eager,window",
+        "--light",
+        "window",
+        "--lock",
+        str(tmp_path / "bench.lock"),
         "--models",
         "noisy",
         "--loads",
-        "0.5,2",
+        "0.25,2",
         "--duration",
         "0.3",
         "--drain",
@@ -149,15 +155,35 @@ def test_the_seeds_runner_collects_one_run_per_seed_and_system(tmp_path: Path) -
     )
     assert done.returncode == 0, done.stderr
     runs = json.loads(out.read_text())["runs"]
-    assert sorted(runs) == ["seed1-eager", "seed1-target", "seed2-eager", "seed2-target"]
+    assert sorted(runs) == [f"seed{s}-{k}" for s in (1, 2) for k in ("eager", "target", "window")]
     assert {run["settings"]["seed"] for run in runs.values()} == {1, 2}
-    assert all(len(run["points"]) == 2 for run in runs.values())
-    # The table has one row per load, each with both systems' means, and the goals judged at 2x.
-    assert "| 0.5x |" in done.stdout
+    # A --light system runs only below capacity; the others at every load.
+    assert {len(run["points"]) for key, run in runs.items() if "window" not in key} == {2}
+    assert {p["load"] for key, run in runs.items() if "window" in key for p in run["points"]} == {0.25}
+    # The table has one row per load, each with the systems' means, and the goals judged at 0.25x and 2x.
+    assert "| 0.25x |" in done.stdout
     assert "| 2x |" in done.stdout
+    assert "- 0.25x: ours p50" in done.stdout  # against eager's
     assert "- 2x: ours" in done.stdout
     assert "of capacity (goal 90%)" in done.stdout
-    assert "so its own capacity at the same batch size is 2,079/s" in done.stdout  # 1% of batches 5x slower
+    # Judged against the noisy model's own capacity: 1% of batches 5x slower make it 1.04x slower on average.
+    assert "Capacity: 2,079 records/s" in done.stdout
+
+
+def test_the_capacity_at_the_target_counts_a_models_stragglers(overload: ModuleType) -> None:
+    seeds = importlib.import_module("tests.bench.overload_seeds")
+    clean = {"capacity_rps": 2000.0, "straggler_p": 0.0, "straggler_x": 5.0}
+    noisy = {"capacity_rps": 2000.0, "straggler_p": 0.01, "straggler_x": 5.0}
+    assert seeds.capacity_at_target(clean) == 2000.0
+    assert seeds.capacity_at_target(noisy) == pytest.approx(2000.0 / 1.04)
+
+
+def test_the_seeds_runner_rejects_a_light_system_it_does_not_run() -> None:
+    done = bench(
+        "tests.bench.overload_seeds", "--systems", "target", "--light", "eager", "--json", "x.json", timeout=60
+    )
+    assert done.returncode == 2
+    assert "--light names systems not in --systems: eager" in done.stderr
 
 
 def test_the_seeds_runner_rejects_bad_seeds() -> None:
