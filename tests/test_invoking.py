@@ -220,3 +220,66 @@ async def test_records_arriving_while_batches_run_go_to_the_model_before_the_las
         assert log == ["start 0", "resumed 0", "start 1", "start 2", "resumed 1", "start 3", "resumed 2", "resumed 3"]
     else:  # the call's own task resolves the futures before it wakes the slot
         assert log == ["start 0", "resumed 0", "start 1", "resumed 1", "start 2", "resumed 2", "start 3", "resumed 3"]
+
+
+@pytest.mark.asyncio
+async def test_with_records_waiting_the_next_batch_is_handed_over_before_the_last_one_s_futures_resolve(
+    where: str,
+) -> None:
+    # Resolving a batch's futures (a set_result each) is time the model would sit idle: with records
+    # waiting, the slot hands the next batch over first, and the futures resolve in the loop turn after.
+    done_at_start: list[list[bool]] = []
+    futures: list[asyncio.Future[int]] = []
+
+    async def model(batch: list[int]) -> list[int]:
+        done_at_start.append([futures[i].done() for i in range(batch[0])])
+        await asyncio.sleep(0.01)
+        return [x * 10 for x in batch]
+
+    async with DynamicBatcher(model, max_batch_size=2, dispatch="eager") as batcher:
+        futures += [batcher.submit_nowait(i) for i in range(6)]  # three batches' worth, queued at once
+        assert await asyncio.gather(*futures) == [x * 10 for x in range(6)]
+        assert batcher.stats.total_completed == 6
+    if where == "in the slot":
+        # Batch 2 starts before batch 1's futures are resolved; the last batch (nothing waits) is not deferred.
+        assert done_at_start == [[], [False, False], [True, True, False, False]]
+    else:  # the call's own task resolves its futures before it wakes the slot
+        assert done_at_start == [[], [True, True], [True, True, True, True]]
+
+
+@pytest.mark.asyncio
+async def test_a_result_list_that_process_fn_reuses_still_reaches_the_right_callers(where: str) -> None:
+    # The deferred delivery copies the list: a process_fn that refills one list each call cannot
+    # overwrite the batch before's results.
+    out: list[int] = []
+
+    async def model(batch: list[int]) -> list[int]:
+        out.clear()
+        out.extend(x + 100 for x in batch)
+        await asyncio.sleep(0.01)
+        return out
+
+    async with DynamicBatcher(model, max_batch_size=3, dispatch="eager") as batcher:
+        futures = [batcher.submit_nowait(i) for i in range(9)]
+        assert await asyncio.gather(*futures) == [x + 100 for x in range(9)]
+
+
+@pytest.mark.asyncio
+async def test_a_result_list_of_the_wrong_length_fails_its_batch_at_once_with_records_waiting(where: str) -> None:
+    errors: list[BaseException | None] = []
+
+    async def model(batch: list[int]) -> list[int]:
+        await asyncio.sleep(0.01)
+        return batch[:-1] if batch[0] == 0 else batch
+
+    async with DynamicBatcher(
+        model, max_batch_size=2, dispatch="eager", on_batch=lambda info: errors.append(info.error)
+    ) as batcher:
+        futures = [batcher.submit_nowait(i) for i in range(6)]
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert [type(o).__name__ for o in outcomes[:2]] == ["ValueError", "ValueError"]
+    assert outcomes[2:] == [2, 3, 4, 5]
+    assert isinstance(errors[0], ValueError)
+    assert errors[1:] == [None, None]
+    assert batcher.stats.total_failed == 2
+    assert batcher.stats.total_completed == 4

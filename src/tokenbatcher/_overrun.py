@@ -63,7 +63,9 @@ class Overrun:
 
     def fail_overdue(self) -> None:
         """The batch returned: fail its records whose deadline has passed, before the others get results."""
-        self._fail_due(self._loop.time())
+        now = self._loop.time()
+        if now >= self._armed:  # else none is due: ``_armed`` is never later than the earliest deadline left
+            self._fail_due(now)
 
     def _fail_due(self, now: float) -> float:
         """Fail each pending record whose deadline is ``now`` or earlier; the next deadline (inf if none)."""
