@@ -283,3 +283,22 @@ async def test_a_result_list_of_the_wrong_length_fails_its_batch_at_once_with_re
     assert errors[1:] == [None, None]
     assert batcher.stats.total_failed == 2
     assert batcher.stats.total_completed == 4
+
+
+@pytest.mark.asyncio
+async def test_the_on_batch_hook_sees_its_batch_resolved_even_with_records_waiting(where: str) -> None:
+    # The hook is documented to run after the batch's futures are resolved: no deferring then.
+    futures: list[asyncio.Future[int]] = []
+    seen: list[bool] = []
+
+    async def model(batch: list[int]) -> list[int]:
+        await asyncio.sleep(0.01)
+        return batch
+
+    def hook(info: Any) -> None:
+        seen.append(all(f.done() for f in futures[: 2 * (len(seen) + 1)]))
+
+    async with DynamicBatcher(model, max_batch_size=2, dispatch="eager", on_batch=hook) as batcher:
+        futures += [batcher.submit_nowait(i) for i in range(6)]
+        assert await asyncio.gather(*futures) == list(range(6))
+    assert seen == [True, True, True]

@@ -3,9 +3,10 @@
 A slot hands the batch's live records to ``process_fn`` (records cancelled or
 expired while the batch waited are dropped first); ``_invoking.py`` says in
 which task the call runs, and delivers each result to its own record's
-future when ``process_fn`` returns (with records waiting, in the loop turn
-after the slot has handed the next batch over: the model does not sit idle
-while ~50 futures are resolved).  Failures map to the futures as follows:
+future when ``process_fn`` returns (with records waiting and no ``on_batch``
+hook, in the loop turn after the slot has handed the next batch over: the
+model does not sit idle while ~50 futures are resolved).  Failures map to
+the futures as follows:
 
 | ``process_fn`` ...                            | every future of the batch gets          |
 |-----------------------------------------------|-----------------------------------------|
@@ -110,7 +111,10 @@ class Processing(Invoking[RecordT, ResultT]):
             self._in_flight += 1
             ok = False
             try:
-                outcome = await self._call(batch, live, slot, keep=isolating, defer=True)
+                # Not deferred for the hook, which is promised a batch with its results, nor for a stream
+                # (its call resolves its records itself).
+                defer = settings.on_batch is None and not self._streaming
+                outcome = await self._call(batch, live, slot, keep=isolating, defer=defer)
                 if outcome is None:
                     error: BaseException | None = None
                     ok = True
