@@ -122,10 +122,18 @@ def test_the_page_section_renders_from_the_saved_results(tmp_path: Path) -> None
         sys.path.insert(0, str(ROOT))
     page = importlib.import_module("tests.bench._overload_page")
     text = "\n".join(page.render(tmp_path))
-    full, confirm = page.newest("overload-*.json"), page.newest("confirm-overload-*.json")
-    newer = confirm is not None and confirm.name.removeprefix("confirm-") > full.name
-    assert ("### A later run, after a change of the policy" in text) == newer
+    confirm, seeds = page.newest("confirm-overload-*.json"), page.newest("seeds-overload-*.json")
+    shown = confirm is not None and not page.superseded(confirm, seeds)
+    assert ("### A later run, after a change of the policy" in text) == shown
     assert "### Several seeds, each system in a process of its own" in text
+
+
+def test_a_confirming_run_is_superseded_by_a_newer_sweep_over_seeds(overload: ModuleType) -> None:
+    page = importlib.import_module("tests.bench._overload_page")
+    confirm = Path("confirm-overload-2026-12-01b.json")
+    assert page.superseded(confirm, Path("seeds-overload-2026-12-02.json"))
+    assert not page.superseded(confirm, Path("seeds-overload-2026-12-01.json"))
+    assert not page.superseded(confirm, None)
 
 
 def test_the_seeds_runner_collects_one_run_per_seed_and_system(tmp_path: Path) -> None:

@@ -6,9 +6,9 @@ apart from the rest of the suite; ``run.py`` renders their newest results files
 in ``tests/bench/results/`` into the page, and redraws the plot, each time it
 writes the page.  A later run of a few systems and loads after a change of the
 policy (the newest ``confirm-overload-*.json``, its ``note`` saying what
-changed) is shown below the section, without replacing it, and so is the
-newest run over several seeds (``seeds-overload-*.json``, written by
-``overload_seeds.py``).
+changed) is shown below the section, without replacing it, until a newer
+run over several seeds supersedes it; the newest such run
+(``seeds-overload-*.json``, written by ``overload_seeds.py``) is shown last.
 """
 
 from __future__ import annotations
@@ -24,13 +24,18 @@ from . import overload_seeds
 RESULTS = Path(__file__).resolve().parent / "results"
 OURS = "target"
 """The system the goals judge: ours, eager, with ``latency_target_s``."""
-PEERS = ("flyte", "bentoml", "ray")
+PEERS = overload_seeds.PEERS
 
 
 def newest(pattern: str) -> Path | None:
     """The results file matching ``pattern`` whose name sorts last (names carry the date), if any."""
     found = sorted(RESULTS.glob(pattern))
     return found[-1] if found else None
+
+
+def superseded(confirm: Path, seeds: Path | None) -> bool:
+    """Is a confirming run older than the newest sweep over seeds (which then judges the policy)?"""
+    return seeds is not None and confirm.name.removeprefix("confirm-") < seeds.name.removeprefix("seeds-")
 
 
 def _verdict(ok: bool) -> str:
@@ -140,8 +145,9 @@ def section(data: dict[str, Any], source: str, model: dict[str, Any] | None, mod
     md += [f"| {goal} | {measured} | {_verdict(ok)} |" for goal, measured, ok in goals(data)]
     md += [
         "",
-        "This is one seed and 4 s per point, with every system side by side; the goals are judged again on the "
-        "means over four seeds of 12 s, below (**Several seeds**). "
+        "This run is one seed and 4 s per point, every system side by side. The goals are also judged on the "
+        "means over four seeds of 12 s each (**Several seeds**, below, with its own date): where the two "
+        "differ, that is the verdict, as one seed of 4 s varies by several percent. "
         "The goals are judged strictly, as stated. Where every system serves nearly every record (light load), "
         "a gap of a few records per second is noise of one run. The noisy model's stragglers (1 batch in 100, "
         "five times slower) make every record of their batch late whatever the scheduler, once batches are "
@@ -334,10 +340,9 @@ def render(img: Path) -> list[str]:
     rel = f"tests/bench/results/{found.name}"
     model_rel = f"tests/bench/results/{model_path.name}" if model_path is not None else None
     md = section(data, rel, model, model_rel)
-    confirm = newest("confirm-overload-*.json")
-    if confirm is not None and confirm.name.removeprefix("confirm-") > found.name:  # else the full run is newer
+    confirm, seeds = newest("confirm-overload-*.json"), newest("seeds-overload-*.json")
+    if confirm is not None and not superseded(confirm, seeds):
         md += confirm_lines(json.loads(confirm.read_text()), f"tests/bench/results/{confirm.name}")
-    seeds = newest("seeds-overload-*.json")
     if seeds is not None:
         md += overload_seeds.lines(json.loads(seeds.read_text()), f"tests/bench/results/{seeds.name}")
     return md
