@@ -195,19 +195,25 @@ class Buckets:
         left = right - 1
         runs = 0  # buckets that gave records, each in dispatch order after the head
         lanewise = False  # a whole bucket of several lanes went lane after lane
-        while not full and n < max_size and (left >= 0 or right < len(nonempty)):
+        append = batch.append
+        while not full and n < max_size:
             # The side whose next bucket is nearer on the log scale goes first.
-            if right >= len(nonempty):
+            if right < len(nonempty):
+                if left < 0:
+                    go_right = True
+                else:
+                    gap = nonempty[right] + nonempty[left] - 2 * where  # right's distance minus left's
+                    go_right = gap < 0
+                    if not gap:
+                        go_right = True
+                        r = by_index[nonempty[right]].head()
+                        lf = by_index[nonempty[left]].head()
+                        if r is not None and lf is not None:
+                            go_right = abs(math.log2(r.cost + 1) - anchor) <= abs(anchor - math.log2(lf.cost + 1))
+            elif left >= 0:
                 go_right = False
-            elif left < 0:
-                go_right = True
             else:
-                go_right = nonempty[right] - where <= where - nonempty[left]
-                if nonempty[right] - where == where - nonempty[left]:
-                    r = by_index[nonempty[right]].head()
-                    lf = by_index[nonempty[left]].head()
-                    if r is not None and lf is not None:
-                        go_right = abs(math.log2(r.cost + 1) - anchor) <= abs(anchor - math.log2(lf.cost + 1))
+                break
             at = right if go_right else left
             index = nonempty[at]
             bucket = by_index[index]
@@ -216,14 +222,30 @@ class Buckets:
             if n + entries <= max_size and ((n + entries) * top if padded else total + entries * bucket.top) <= budget:
                 # The whole bucket fits (were every entry live): take it
                 # without weighing each record; it is empty after.
-                if len(bucket.fronts) > 1:
+                before = n
+                fronts = bucket.fronts
+                if len(fronts) == 1:  # take_all(), inline: once per bucket
+                    lane = fronts[0][2]
+                    for rec in lane:
+                        if rec.queued:
+                            rec.queued = False
+                            append(rec)
+                            cost = rec.cost
+                            n += 1
+                            total += cost
+                            if cost > largest:
+                                largest = cost
+                    lane.clear()
+                    fronts.clear()
+                    bucket.entries = 0
+                else:
                     lanewise = True
-                added, cost, big = take_all(bucket, batch)
-                bucket.listed = None  # its entry in ``tops`` goes when it surfaces
-                if added:
+                    added, cost, big = take_all(bucket, batch)
                     n, total = n + added, total + cost
                     if big > largest:
                         largest = big
+                bucket.listed = None  # its entry in ``tops`` goes when it surfaces
+                if n > before:
                     runs += 1
                     full = (n * largest if padded else total) == budget
                 nonempty.pop(at)
