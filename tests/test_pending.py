@@ -558,3 +558,46 @@ def test_head_discarding_stale_entries_keeps_the_measured_prefix_in_step() -> No
         assert [r.item for r in pending.take()[0]] == [3]
     finally:
         loop.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    first=st.lists(st.tuples(st.integers(1, 3000), st.integers(0, 3), st.booleans()), min_size=1, max_size=120),
+    second=st.lists(st.tuples(st.integers(1, 3000), st.integers(0, 3)), min_size=1, max_size=120),
+    padded=st.booleans(),
+)
+def test_similar_queue_emptied_and_filled_again_batches_as_a_fresh_one(
+    first: list[tuple[int, int, bool]], second: list[tuple[int, int]], padded: bool
+) -> None:
+    """The buckets an emptied queue keeps for reuse carry nothing over: the records that come
+    next make the batches a fresh queue makes of them (the first fill's records, some forgotten
+    to leave stale entries behind, have other costs and priorities)."""
+    loop = asyncio.new_event_loop()
+    try:
+        budget, max_size = 4000, 16
+        reused = Pending(budget=budget, max_size=max_size, padded=padded, similar=True)
+        records = make_records(loop, [cost for cost, _, _ in first], [priority for _, priority, _ in first])
+        for rec in records:
+            reused.push(rec)
+        for rec, (_, _, forget) in zip(records, first, strict=True):
+            if forget and reused.size > 1:
+                rec.cancel()
+                reused.forget(rec)
+        while reused.size:
+            reused.take()
+        assert reused.take() == ([], None)
+
+        def drain(pending: Pending) -> list[list[int]]:
+            again = make_records(loop, [cost for cost, _ in second], [priority for _, priority in second])
+            for rec in again:
+                rec.seq += len(first)  # seq keeps growing in the reused queue, as in a batcher
+                pending.push(rec)
+            batches: list[list[int]] = []
+            while pending.size:
+                batches.append([rec.item for rec in pending.take()[0]])
+            return batches
+
+        fresh = Pending(budget=budget, max_size=max_size, padded=padded, similar=True)
+        assert drain(reused) == drain(fresh)
+    finally:
+        loop.close()

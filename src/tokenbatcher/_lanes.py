@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 dispatch_order = attrgetter("key", "seq")
 submission_order = attrgetter("seq")  # the same while every record's key is its submit time
+by_key = attrgetter("key")
 
 Lane: TypeAlias = "deque[Record[Any]]"
 Front: TypeAlias = "tuple[float, int, deque[Record[Any]]]"
@@ -249,7 +250,8 @@ def take_all(lanes: Lanes, batch: list[Record[Any]]) -> tuple[int, int, int]:
     """
     append = batch.append
     n = total = largest = 0
-    for _, _, lane in lanes.fronts:
+    fronts = lanes.fronts
+    for _, _, lane in fronts:
         for rec in lane:
             if rec.queued:
                 rec.queued = False
@@ -260,7 +262,7 @@ def take_all(lanes: Lanes, batch: list[Record[Any]]) -> tuple[int, int, int]:
                 if cost > largest:
                     largest = cost
         lane.clear()
-    lanes.fronts = []
+    fronts.clear()
     lanes.entries = 0
     return n, total, largest
 
