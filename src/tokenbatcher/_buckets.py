@@ -30,7 +30,7 @@ import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._lanes import BUDGET_MET, Lane, Lanes, Top, by_key, dispatch_order, fill, submission_order, take_all
+from ._lanes import BUDGET_MET, NOTHING_REFUSED, Lane, Lanes, Top, dispatch_order, fill, submission_order, take_all
 
 if TYPE_CHECKING:
     from ._record import Limit, Record
@@ -64,19 +64,7 @@ class Buckets:
         """Records the last ``take`` took from inside a bucket: their entries stay behind, stale."""
 
     def clear(self) -> None:
-        """Nothing is queued: drop every entry.
-
-        Buckets left empty are kept, with their lanes, for the records to
-        come (a queue that empties and fills again does not build them
-        anew); a bucket still holding stale entries goes.
-        """
-        kept: dict[int, Lanes] = {}
-        for index, bucket in self.by_index.items():
-            if not bucket.entries and not bucket.fronts:
-                bucket.listed = None
-                bucket.top = 0
-                kept[index] = bucket
-        self.by_index = kept
+        self.by_index.clear()
         self.nonempty.clear()
         self.tops.clear()
         self.order = submission_order
@@ -195,66 +183,32 @@ class Buckets:
         left = right - 1
         runs = 0  # buckets that gave records, each in dispatch order after the head
         lanewise = False  # a whole bucket of several lanes went lane after lane
-        append = batch.append
-        while not full and n < max_size:
+        while not full and n < max_size and (left >= 0 or right < len(nonempty)):
             # The side whose next bucket is nearer on the log scale goes first.
-            if right < len(nonempty):
-                if left < 0:
-                    go_right = True
-                else:
-                    gap = nonempty[right] + nonempty[left] - 2 * where  # right's distance minus left's
-                    go_right = gap < 0
-                    if not gap:
-                        go_right = True
-                        r = by_index[nonempty[right]].head()
-                        lf = by_index[nonempty[left]].head()
-                        if r is not None and lf is not None:
-                            go_right = abs(math.log2(r.cost + 1) - anchor) <= abs(anchor - math.log2(lf.cost + 1))
-            elif left >= 0:
+            if right >= len(nonempty):
                 go_right = False
+            elif left < 0:
+                go_right = True
             else:
-                break
-            at = right if go_right else left
-            index = nonempty[at]
+                go_right = nonempty[right] - where <= where - nonempty[left]
+                if nonempty[right] - where == where - nonempty[left]:
+                    r = by_index[nonempty[right]].head()
+                    lf = by_index[nonempty[left]].head()
+                    if r is not None and lf is not None:
+                        go_right = abs(math.log2(r.cost + 1) - anchor) <= abs(anchor - math.log2(lf.cost + 1))
+            index = nonempty[right] if go_right else nonempty[left]
             bucket = by_index[index]
-            entries = bucket.entries
-            top = bucket.top if bucket.top > largest else largest
-            if n + entries <= max_size and ((n + entries) * top if padded else total + entries * bucket.top) <= budget:
-                # The whole bucket fits (were every entry live): take it
-                # without weighing each record; it is empty after.
-                before = n
-                fronts = bucket.fronts
-                if len(fronts) == 1:  # take_all(), inline: once per bucket
-                    lane = fronts[0][2]
-                    for rec in lane:
-                        if rec.queued:
-                            rec.queued = False
-                            append(rec)
-                            cost = rec.cost
-                            n += 1
-                            total += cost
-                            if cost > largest:
-                                largest = cost
-                    lane.clear()
-                    fronts.clear()
-                    bucket.entries = 0
-                else:
-                    lanewise = True
-                    added, cost, big = take_all(bucket, batch)
-                    n, total = n + added, total + cost
-                    if big > largest:
-                        largest = big
-                bucket.listed = None  # its entry in ``tops`` goes when it surfaces
-                if n > before:
-                    runs += 1
-                    full = (n * largest if padded else total) == budget
-                nonempty.pop(at)
-                if not go_right:
-                    right -= 1
-                    left -= 1
-                continue
             before = n
-            n, total, largest, stop = fill(bucket, batch, n, total, largest, budget, max_size, padded)
+            most = n + bucket.entries  # the batch's size if every entry were live and went
+            top = bucket.top if bucket.top > largest else largest
+            if most <= max_size and (most * top if padded else total + bucket.entries * bucket.top) <= budget:
+                # The whole bucket fits: take it without weighing each record.
+                lanewise = lanewise or len(bucket.fronts) > 1
+                added, cost, big = take_all(bucket, batch)
+                n, total, largest = n + added, total + cost, big if big > largest else largest
+                stop = BUDGET_MET if (n * largest if padded else total) == budget else NOTHING_REFUSED
+            else:
+                n, total, largest, stop = fill(bucket, batch, n, total, largest, budget, max_size, padded)
             if stop >= 0 and n < max_size:
                 # A record did not fit: later ones of its bucket may, a little smaller.
                 n, total, largest, full = self._fill_inside(index, batch, n, total, largest, budget, max_size, padded)
@@ -267,7 +221,7 @@ class Buckets:
                 runs += 1
             emptied = bucket.head() is None
             if emptied:
-                nonempty.pop(at)
+                nonempty.pop(right if go_right else left)
             if go_right:
                 if stop >= head.cost:
                     right = len(nonempty)  # costs only grow to the right: nothing more fits there
@@ -278,12 +232,7 @@ class Buckets:
                     right -= 1
                 left -= 1
         if runs > 1 or lanewise:
-            # A merge of the runs, to hand the batch over in dispatch order:
-            # ``(key, seq)``, sorted as two stable sorts on one number each
-            # (cheaper than one on pairs).
-            batch.sort(key=submission_order)
-            if self.order is dispatch_order:
-                batch.sort(key=by_key)
+            batch.sort(key=self.order)  # a merge of the runs, to hand the batch over in dispatch order
         if n >= max_size:
             return batch, "max_size", total
         return batch, "budget" if full or queued > n else None, total

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 dispatch_order = attrgetter("key", "seq")
 submission_order = attrgetter("seq")  # the same while every record's key is its submit time
-by_key = attrgetter("key")
 
 Lane: TypeAlias = "deque[Record[Any]]"
 Front: TypeAlias = "tuple[float, int, deque[Record[Any]]]"
@@ -250,8 +249,7 @@ def take_all(lanes: Lanes, batch: list[Record[Any]]) -> tuple[int, int, int]:
     """
     append = batch.append
     n = total = largest = 0
-    fronts = lanes.fronts
-    for _, _, lane in fronts:
+    for _, _, lane in lanes.fronts:
         for rec in lane:
             if rec.queued:
                 rec.queued = False
@@ -262,7 +260,7 @@ def take_all(lanes: Lanes, batch: list[Record[Any]]) -> tuple[int, int, int]:
                 if cost > largest:
                     largest = cost
         lane.clear()
-    fronts.clear()
+    lanes.fronts = []
     lanes.entries = 0
     return n, total, largest
 
