@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from conftest import VirtualClockLoop
 from tokenbatcher import BatchAbortedError, BatcherStoppedError, DynamicBatcher, _invoking
 
 WAYS = ["in the slot", "a task per call"] if sys.version_info >= (3, 11) else ["a task per call"]
@@ -302,3 +303,41 @@ async def test_the_on_batch_hook_sees_its_batch_resolved_even_with_records_waiti
         futures += [batcher.submit_nowait(i) for i in range(6)]
         assert await asyncio.gather(*futures) == list(range(6))
     assert seen == [True, True, True]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="results are deferred only when process_fn runs in the slot")
+def test_an_interrupt_in_the_next_call_still_leaves_the_batch_before_its_results() -> None:
+    # Batch 1 returns with records waiting, so its results wait for the next loop turn; batch 2's call
+    # raises KeyboardInterrupt in that same step.  The batcher stops, and batch 1 (processed) must get its
+    # results at once, not a BatcherStoppedError, nor nothing if the loop never turns again.
+    # (Only in the slot: a task per call delivers at once, and on CPython 3.11 a KeyboardInterrupt
+    # leaving a task that way upsets the interpreter's AST recursion counter for the rest of the run.)
+    futures: list[asyncio.Future[int]] = []
+
+    async def model(batch: list[int]) -> list[int]:
+        if batch[0] == 2:
+            raise KeyboardInterrupt
+        await asyncio.sleep(0.01)
+        return batch
+
+    batcher = DynamicBatcher(model, max_batch_size=2, dispatch="eager")
+
+    async def main() -> None:
+        await batcher.start()
+        futures.extend(batcher.submit_nowait(i) for i in range(4))
+        await asyncio.wait(futures)
+
+    loop = VirtualClockLoop()
+    with pytest.raises(KeyboardInterrupt):
+        loop.run_until_complete(main())
+    try:
+        assert [f.result() for f in futures[:2]] == [0, 1]  # right after the interrupt: no loop turn since
+        for future in futures[2:]:
+            with pytest.raises(BatcherStoppedError, match="process_fn raised KeyboardInterrupt"):
+                future.result()
+    finally:
+        loop.run_until_complete(batcher.stop())
+        leftovers = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        if leftovers:
+            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+        loop.close()

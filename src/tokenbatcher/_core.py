@@ -137,6 +137,8 @@ class Core(Generic[RecordT, ResultT]):
     """Records accepted so far; also each record's tie-breaker in the queue."""
     _out: set[Batch]
     """Batches taken from the queue whose futures are not all resolved."""
+    _undelivered: dict[Batch, list[Any]]
+    """Batches whose results wait for the next loop turn (``_invoking.py``), one result per record."""
     _in_flight: int
     _calls: dict[asyncio.Future[Any], Batch | None]
     """``process_fn`` calls running now: the task running each, and its batch if that is its slot's task."""
@@ -172,6 +174,8 @@ class Core(Generic[RecordT, ResultT]):
 
         def _settle(self, batch: Batch, ok: bool) -> None: ...
 
+        def _give_undelivered(self, batch: Batch) -> None: ...
+
     def _init_core(self, settings: Settings, process_fn: ProcessFn[RecordT, ResultT]) -> None:
         self._check_combination(settings)
         self._process_fn = process_fn
@@ -181,6 +185,7 @@ class Core(Generic[RecordT, ResultT]):
         self._stopped = None
         self._seq = 0
         self._out = set()
+        self._undelivered = {}
         self._in_flight = 0
         self._calls = {}
         self._arrival_waiters = []

@@ -118,10 +118,18 @@ class Invoking(Core[RecordT, ResultT]):
         error = _misfit(live, results)
         if error is not None:
             return self._fail_with(live, error)
+        assert live is batch.records  # the whole batch's call, not a part being isolated
         loop = self._loop
         assert loop is not None
-        loop.call_soon(self._give, batch, live, list(results))  # pyright: ignore[reportUnknownArgumentType]
+        self._undelivered[batch] = list(results)  # pyright: ignore[reportUnknownArgumentType]
+        loop.call_soon(self._give_undelivered, batch)
         return None
+
+    def _give_undelivered(self, batch: Batch) -> None:
+        """Give the results ``_deliver_later`` kept for ``batch``, unless an abort already gave them."""
+        results = self._undelivered.pop(batch, None)
+        if results is not None:
+            self._give(batch, batch.records, results)
 
     async def _call_in_task(
         self, batch: Batch, live: list[Record[Any]], awaitable: Awaitable[Any], keep: bool

@@ -264,6 +264,8 @@ class Lifecycle(Core[RecordT, ResultT]):
             if batch is not None:
                 self._settle(batch, False)
         self._deadlines.clear()
+        for batch in list(self._undelivered):  # processed: their results, not a failure
+            self._give_undelivered(batch)
         self._fail(self._pending.clear(), reason, cause)
         batches = list(self._out)
         self._out.clear()

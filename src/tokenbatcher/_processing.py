@@ -127,7 +127,7 @@ class Processing(Invoking[RecordT, ResultT]):
                 if batch.overrun is not None:
                     batch.overrun.cancel()
                 self._settle(batch, ok)
-            self._out.discard(batch)  # every record is accounted for (or _abort failed them)
+            self._out.discard(batch)  # each record resolved, or its result in _undelivered (or _abort failed it)
             if settings.on_batch is not None:
                 oldest = min(rec.t for rec in live)
                 info = BatchInfo(
