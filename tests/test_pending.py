@@ -475,6 +475,37 @@ def test_equal_keys_go_in_submission_order_across_priorities(similar: bool) -> N
         loop.close()
 
 
+@pytest.mark.parametrize("forgotten", [None, *range(8)])
+@pytest.mark.parametrize("max_size", [2, 3, 8])
+def test_interleaved_priorities_merge_in_dispatch_order_around_forgotten_records(
+    forgotten: int | None, max_size: int
+) -> None:
+    """Two lanes whose records alternate in dispatch order (an aged priority 1 and a fresh
+    priority 0), and a third lane after them: batches take them merged, skip a forgotten one
+    wherever it sits, and take the last record of a lane too."""
+    loop = asyncio.new_event_loop()
+    try:
+        pending = Pending(budget=10**6, max_size=max_size, padded=False, similar=False)
+        # (t, priority) with aging 1, in submission order: keys 2.0, 1.1, 1.3, 1.5, 1.0, 1.2, 1.4, 1.6
+        arrivals = [(0.0, 2), (0.1, 1), (0.3, 1), (0.5, 1), (1.0, 0), (1.2, 0), (1.4, 0), (1.6, 0)]
+        records = make_records(loop, [5] * len(arrivals))
+        for rec, (t, priority) in zip(records, arrivals, strict=True):
+            rec.t, rec.key = t, t + priority
+            pending.push(rec)
+        if forgotten is not None:
+            records[forgotten].cancel()
+            pending.forget(records[forgotten])
+        taken: list[int] = []
+        while pending.size:
+            batch, _ = pending.take()
+            assert 1 <= len(batch) <= max_size
+            taken += [rec.item for rec in batch]
+        expected = [item for item in (4, 1, 5, 2, 6, 3, 7, 0) if item != forgotten]
+        assert taken == expected
+    finally:
+        loop.close()
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_similar_take_looks_behind_a_record_that_did_not_fit_in_its_bucket(padded: bool) -> None:
     """59 and 60 tokens share a bucket: when 60 does not fit, 59 behind it still goes,

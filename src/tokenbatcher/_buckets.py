@@ -178,24 +178,32 @@ class Buckets:
         where = head.bucket
         if by_index[where].head() is None:  # the head was all its bucket held
             nonempty.pop(bisect.bisect_left(nonempty, where))
-        anchor = math.log2(head.cost + 1)
+        square = (head.cost + 1) ** 2  # for ties between two sides (see below)
         right = bisect.bisect_left(nonempty, where)  # the head's bucket, if it has more
         left = right - 1
         runs = 0  # buckets that gave records, each in dispatch order after the head
         lanewise = False  # a whole bucket of several lanes went lane after lane
-        while not full and n < max_size and (left >= 0 or right < len(nonempty)):
+        while not full and n < max_size:
             # The side whose next bucket is nearer on the log scale goes first.
-            if right >= len(nonempty):
+            if right < len(nonempty):
+                if left < 0:
+                    go_right = True
+                else:
+                    to_right = nonempty[right] - where
+                    to_left = where - nonempty[left]
+                    go_right = to_right <= to_left
+                    if to_right == to_left:
+                        # As far in buckets: the nearer first record goes first.  The right one costs
+                        # more than the head and the left one less, so |log(r+1) - log(h+1)| <=
+                        # |log(h+1) - log(l+1)| is (r+1)(l+1) <= (h+1)^2, exactly.
+                        r = by_index[nonempty[right]].head()
+                        lf = by_index[nonempty[left]].head()
+                        if r is not None and lf is not None:
+                            go_right = (r.cost + 1) * (lf.cost + 1) <= square
+            elif left >= 0:
                 go_right = False
-            elif left < 0:
-                go_right = True
             else:
-                go_right = nonempty[right] - where <= where - nonempty[left]
-                if nonempty[right] - where == where - nonempty[left]:
-                    r = by_index[nonempty[right]].head()
-                    lf = by_index[nonempty[left]].head()
-                    if r is not None and lf is not None:
-                        go_right = abs(math.log2(r.cost + 1) - anchor) <= abs(anchor - math.log2(lf.cost + 1))
+                break
             index = nonempty[right] if go_right else nonempty[left]
             bucket = by_index[index]
             before = n
@@ -207,8 +215,10 @@ class Buckets:
                 added, cost, big = take_all(bucket, batch)
                 n, total, largest = n + added, total + cost, big if big > largest else largest
                 stop = BUDGET_MET if (n * largest if padded else total) == budget else NOTHING_REFUSED
+                emptied = True
             else:
                 n, total, largest, stop = fill(bucket, batch, n, total, largest, budget, max_size, padded)
+                emptied = False
             if stop >= 0 and n < max_size:
                 # A record did not fit: later ones of its bucket may, a little smaller.
                 n, total, largest, full = self._fill_inside(index, batch, n, total, largest, budget, max_size, padded)
@@ -219,7 +229,7 @@ class Buckets:
                 full = True
             if n > before:
                 runs += 1
-            emptied = bucket.head() is None
+            emptied = emptied or bucket.head() is None
             if emptied:
                 nonempty.pop(right if go_right else left)
             if go_right:

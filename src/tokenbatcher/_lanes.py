@@ -10,7 +10,10 @@ of the queue.  ``grouping="similar_cost"`` keeps one ``Lanes`` per cost bucket
 
 ``fill`` moves records from lanes into a batch in dispatch order while the
 next one fits; ``take`` is a whole batch of ``grouping="fifo"`` with
-priorities: the head, then what ``fill`` adds.
+priorities: the head, then what ``fill`` adds.  Where two lanes alternate
+(aged records of one priority among fresh ones of the next, the usual case
+under a steady flow), ``fill`` merges the two a comparison per record and
+touches the heap only when a third lane's turn comes.
 
 Owns: the lanes and walking them in dispatch order.  Must not touch: the
 queue's counts (``size``, ``full``: ``_pending.py``) or the cost buckets.
@@ -19,6 +22,7 @@ queue's counts (``size``, ``full``: ``_pending.py``) or the cost buckets.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from collections.abc import Iterator
 from operator import attrgetter
@@ -197,11 +201,29 @@ def fill(
             if len(fronts) == 1:
                 continue  # the other lanes were stale: one left
             rec, lane = found, fronts[0][2]
-        # The top lane gives records while they come before the other lanes'
-        # first ones (their entries are never later than those); then its
-        # entry is set right.
-        other = fronts[1] if len(fronts) == 2 or fronts[1] < fronts[2] else fronts[2]
-        other_key, other_seq = other[0], other[1]
+        # Records come from the top lane and the lane of the next entry, ``b``,
+        # merged, while they come before every other lane's entry (``bound``,
+        # the third entry: the lanes' entries are never later than their
+        # first records).  Interleaved priorities (aged records of one
+        # priority alternating with fresh ones of the next) thus cost a
+        # comparison per record, not a heap operation per run.
+        top = lane
+        if len(fronts) == 2:
+            other = fronts[1]
+            bound_key, bound_seq = math.inf, 0
+        else:
+            other, bound = (fronts[1], fronts[2]) if fronts[1] < fronts[2] else (fronts[2], fronts[1])
+            j = 1 if other is fronts[1] else 2
+            for k in (2 * j + 1, 2 * j + 2):  # the third entry: other's sibling or one of other's children
+                if k < len(fronts) and fronts[k] < bound:
+                    bound = fronts[k]
+            bound_key, bound_seq = bound[0], bound[1]
+        b = other[2]  # never emptied here, so that its entry in ``fronts`` stays valid
+        rb = b[0]
+        # ``lim``: what the top lane's records must come before (b's first
+        # record, if that comes before ``bound``).
+        b_next = rb.key < bound_key or (rb.key == bound_key and rb.seq < bound_seq)
+        lim_key, lim_seq = (rb.key, rb.seq) if b_next else (bound_key, bound_seq)
         while True:
             cost = rec.cost
             if padded:
@@ -222,15 +244,29 @@ def fill(
             if counted == budget:
                 stop = BUDGET_MET
                 break
-            if n >= max_size or not lane:
+            if n >= max_size:
                 break
-            rec = lane[0]
-            key = rec.key
-            if key > other_key or (key == other_key and rec.seq > other_seq) or not rec.queued:
+            if top:
+                rec = top[0]
+                key = rec.key
+                if key < lim_key or (key == lim_key and rec.seq < lim_seq):
+                    if not rec.queued:
+                        break
+                    lane = top
+                    continue
+            # b's first record comes next, if it comes before ``bound``.
+            if not b_next or not rb.queued or len(b) == 1:
                 break
-        if lane:
-            rec = lane[0]
-            heapreplace(fronts, (rec.key, rec.seq, lane))
+            rec, lane = rb, b
+            rb = b[1]
+            if rb.key < bound_key or (rb.key == bound_key and rb.seq < bound_seq):
+                lim_key, lim_seq = rb.key, rb.seq
+            else:
+                lim_key, lim_seq, b_next = bound_key, bound_seq, False
+        # The top entry is set right; b's may be early now, which ``head`` mends.
+        if top:
+            rec = top[0]
+            heapreplace(fronts, (rec.key, rec.seq, top))
         else:
             heapq.heappop(fronts)
         if stop != NOTHING_REFUSED:
