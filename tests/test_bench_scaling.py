@@ -25,7 +25,8 @@ def test_every_mode_drains_200_records_and_the_report_renders(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "scaling.json"
-    assert scaling.main(["--depths", "200", "--repeats", "1", "--roundtrips", "50", "--json", str(out)]) == 0
+    argv = ["--depths", "200", "--repeats", "1", "--point-s", "0", "--roundtrips", "50", "--json", str(out)]
+    assert scaling.main(argv) == 0
     report = capsys.readouterr().out
     results: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
 
@@ -109,6 +110,40 @@ def test_the_cap_stops_a_drain_and_skips_every_deeper_point() -> None:
     assert results["roundtrip"] is None
 
 
+@pytest.mark.timeout(60)
+def test_short_points_run_again_in_rounds_across_the_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each point gets ``repeats`` runs, a short one as many as fill ``point_s`` (at most
+    ``MAX_RUNS``), and the further runs alternate between the modes of a depth."""
+    calls: list[tuple[str, int]] = []
+    walls = {"fifo": 0.1, "eager": 0.25}  # seconds per run: fill + drain
+
+    async def fake_drain(mode: scaling.Mode, job: scaling.Prepared, cap_s: float | None = None) -> scaling.Run:
+        n = len(job.items)
+        calls.append((mode.name, n))
+        half = walls[mode.name] / 2
+        return scaling.Run(n, half, half, half, half, n, 1, float(n), n)
+
+    monkeypatch.setattr(scaling, "drain_once", fake_drain)
+    monkeypatch.setattr(scaling, "MAX_RUNS", 4)
+    results = scaling.run(
+        depths=(10, 20), modes=("fifo", "eager"), repeats=2, point_s=0.5, roundtrips=0, with_floor=False, log=_quiet
+    )
+    # fifo: 0.5 / 0.1 = 5 runs, capped at 4; eager: 0.5 / 0.25 = 2 runs
+    assert [results["modes"][m]["points"]["10"]["runs"] for m in ("fifo", "eager")] == [4, 2]
+    warmups = 2
+    assert calls[warmups : warmups + 6] == [
+        ("fifo", 10),
+        ("eager", 10),
+        ("fifo", 10),
+        ("eager", 10),
+        ("fifo", 10),
+        ("fifo", 10),
+    ]
+    assert calls[warmups + 6] == ("fifo", 20)  # the next depth only after this one's rounds
+    with pytest.raises(ValueError, match="point_s"):
+        scaling.run(depths=(10,), modes=("fifo",), point_s=-1.0, roundtrips=0, log=_quiet)
+
+
 def test_the_projection_follows_the_growth_seen_and_is_at_least_linear() -> None:
     # (depth, wall s, CPU s): the exponent comes from CPU time, the scale from wall time
     assert scaling.project([(1_000, 2.0, 1.0)], 10_000) == pytest.approx(20.0)
@@ -131,7 +166,7 @@ def test_unknown_mode_is_refused_by_name() -> None:
 @pytest.mark.timeout(60)
 def test_the_plot_is_written(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    results = scaling.run(depths=(50, 100), modes=("fifo", "eager"), repeats=1, roundtrips=0, log=_quiet)
+    results = scaling.run(depths=(50, 100), modes=("fifo", "eager"), repeats=1, point_s=0, roundtrips=0, log=_quiet)
     path = tmp_path / "scaling.png"
     scaling.plot(results, str(path))
     assert path.read_bytes().startswith(b"\x89PNG")

@@ -38,9 +38,13 @@ For each mode and each depth ``N`` (default 1k, 10k, 100k, 1M):
 * The garbage collector is off during the fill and the drain, as ``timeit``
   does, with ``gc.collect()`` between them: a full collection over millions of
   live objects, landing in one run and not another, would swamp the figure.
-* A point whose fill + drain took under a second is repeated (``--repeats``,
-  default 3) and the medians are reported.  Depths run in order, every mode at
-  one depth before the next, after one untimed warm-up run per mode.
+* Every point runs at least ``--repeats`` times (default 3), and a short one
+  again until its runs took ``--point-s`` seconds (default 2; at most 51
+  runs); the medians are reported.  Depths run in order, after one untimed
+  warm-up run per mode; at each depth every mode runs once, then the further
+  runs go in rounds, one run per mode each, so that a slow spell of a shared
+  machine lands on every mode of the depth alike (the figures are compared
+  with FIFO's at the same depth).
 * Time cap (``--cap-s``, default 60 s of wall time per point): before each
   point the harness projects its fill + drain time from the mode's last two
   points (``t * (N'/N)^k``: ``t`` the last point's wall time, ``k`` the growth
@@ -127,8 +131,11 @@ DEPTHS = (1_000, 10_000, 100_000, 1_000_000)
 QUICK_DEPTHS = (1_000, 10_000)
 CAP_S = 60.0
 REPEATS = 3
-REPEAT_BELOW_S = 1.0
-"""Points whose fill + drain took less than this are repeated."""
+"""Runs of every point, at least (the median is reported)."""
+POINT_S = 2.0
+"""Short points are run again until their runs took this long (wall), ..."""
+MAX_RUNS = 51
+"""... up to this many runs."""
 SEED = 20_260_410
 DEADLINE_S = 3600.0
 """The deadline mode's ``timeout_s``: far longer than any run."""
@@ -494,6 +501,7 @@ def run(
     cap_s: float = CAP_S,
     clock: Clock = "cpu",
     repeats: int = REPEATS,
+    point_s: float = POINT_S,
     memory_depth: int | None = None,
     roundtrips: int = ROUNDTRIPS,
     seed: int = SEED,
@@ -508,7 +516,8 @@ def run(
         cap_s: Skip a point whose projected fill + drain time (wall) exceeds
             this; stop a drain that reaches it.
         clock: What the µs figures count: ``"cpu"`` (process CPU time) or ``"wall"``.
-        repeats: Runs of a point that took under a second (median reported).
+        repeats: Runs of every point, at least (median reported).
+        point_s: Short points are run again until their runs took this long (wall), up to ``MAX_RUNS``.
         memory_depth: Depth of the memory pass (default: the deepest depth, at most 100k).
         roundtrips: Round trips per round of the one-caller test (0 skips it).
         seed: Seed of the workload.
@@ -523,6 +532,8 @@ def run(
         raise ValueError(f"clock must be 'cpu' or 'wall', got {clock!r}")
     if not depths or depths[0] < 1:
         raise ValueError(f"depths must be >= 1, got {depths}")
+    if repeats < 1 or not point_s >= 0:
+        raise ValueError(f"repeats must be >= 1 and point_s >= 0, got {repeats} and {point_s}")
     chosen = [mode for mode in MODES if mode.name in modes]
     if memory_depth is None:
         memory_depth = min(depths[-1], 100_000)
@@ -535,6 +546,7 @@ def run(
     points: dict[str, dict[str, dict[str, Any]]] = {mode.name: {} for mode in chosen}
     measured: dict[str, list[tuple[int, float, float]]] = {mode.name: [] for mode in chosen}
     for n in depths:
+        runs: dict[str, list[Run]] = {}  # the modes measured at this depth, and their runs so far
         for mode in chosen:
             done = measured[mode.name]
             if done:
@@ -543,8 +555,7 @@ def run(
                     points[mode.name][str(n)] = {"skipped": True, "n": n, "projected_s": projected, "cap_s": cap_s}
                     log(f"  {mode.name:>13} {n:>9,}: skipped (projected {projected:,.0f} s > {cap_s:g} s)")
                     continue
-            job = prepare(mode, work, n)
-            first = asyncio.run(drain_once(mode, job, cap_s))
+            first = asyncio.run(drain_once(mode, prepare(mode, work, n), cap_s))
             wall = first.fill_wall + first.drain_wall
             done.append((n, wall, first.fill_cpu + first.drain_cpu))
             if first.over_cap:
@@ -562,17 +573,32 @@ def run(
                     f"resolved, {first.fill_cpu + first.drain_cpu:,.0f} s CPU)"
                 )
                 continue
-            runs = [first]
-            if wall < REPEAT_BELOW_S:
-                runs += [asyncio.run(drain_once(mode, job)) for _ in range(repeats - 1)]
-            del job
+            runs[mode.name] = [first]
             gc.collect()
-            point = _median_run(runs, clock)
-            points[mode.name][str(n)] = point
+        # More runs in rounds, one per mode each, so that a slow spell of a shared machine
+        # lands on every mode of the depth alike: each point gets ``repeats`` runs and,
+        # if they are short, as many as fill ``point_s`` seconds (at most MAX_RUNS).
+        wanted = {
+            name: max(repeats, min(MAX_RUNS, math.ceil(point_s / max(got[0].fill_wall + got[0].drain_wall, 1e-6))))
+            for name, got in runs.items()
+        }
+        for mode in chosen:
+            if mode.name not in runs:
+                wanted[mode.name] = 0
+        for _ in range(max(wanted.values(), default=0) - 1):
+            for mode in chosen:
+                got = runs.get(mode.name)
+                if got is not None and len(got) < wanted[mode.name]:
+                    got.append(asyncio.run(drain_once(mode, prepare(mode, work, n))))
+                    if n >= 100_000:
+                        gc.collect()
+        for name, got in runs.items():
+            point = points[name][str(n)] = _median_run(got, clock)
             log(
-                f"  {mode.name:>13} {n:>9,}: drain {point['drain_us']:8.2f} µs/record, "
-                f"submit {point['submit_us']:6.2f} µs/record ({wall:.1f} s, {len(runs)} run(s))"
+                f"  {name:>13} {n:>9,}: drain {point['drain_us']:8.2f} µs/record, "
+                f"submit {point['submit_us']:6.2f} µs/record ({len(got)} run(s))"
             )
+        gc.collect()
 
     memory: dict[str, float] = {}
     for mode in chosen:
@@ -599,7 +625,8 @@ def run(
             "cap_s": cap_s,
             "clock": clock,
             "repeats": repeats,
-            "repeat_below_s": REPEAT_BELOW_S,
+            "point_s": point_s,
+            "max_runs": MAX_RUNS,
             "memory_depth": memory_depth,
             "memory_method": "tracemalloc: bytes allocated during the fill / records",
             "seed": seed,
@@ -930,7 +957,10 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="count process CPU time (default; robust to other processes' load) or wall time",
     )
-    parser.add_argument("--repeats", type=int, default=REPEATS, help="runs of points under 1 s (median)")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="runs of every point, at least (median)")
+    parser.add_argument(
+        "--point-s", type=float, default=POINT_S, help="run short points again until their runs took this long (s)"
+    )
     parser.add_argument(
         "--memory-depth", type=parse_depth, help="depth of the tracemalloc pass (default min(deepest, 100k))"
     )
@@ -962,6 +992,7 @@ def main(argv: list[str] | None = None) -> int:
             cap_s=args.cap_s,
             clock=args.clock,
             repeats=args.repeats,
+            point_s=args.point_s,
             memory_depth=args.memory_depth,
             roundtrips=roundtrips,
             seed=args.seed,
