@@ -92,6 +92,7 @@ def test_the_cap_stops_a_drain_and_skips_every_deeper_point() -> None:
         modes=("fifo", "similar_cost"),
         cap_s=0.0,
         repeats=1,
+        point_s=0,
         memory_depth=500,
         roundtrips=0,
         log=_quiet,

@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
+import statistics
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -98,13 +101,36 @@ def measure(
     costs: Sequence[int],
     priorities: Sequence[int],
     clock: Callable[[], float],
+    *,
+    repeats: int = 3,
+    point_s: float = 0.0,
+    max_runs: int = 51,
 ) -> dict[str, dict[str, float]]:
-    """``{order: {depth: µs per record}}`` for the orders ``modes`` use (median of three up to 100k)."""
+    """``{order: {depth: µs per record}}`` for the orders ``modes`` use: the median of the runs.
+
+    As the drains are run: at least ``repeats`` runs of each point, short ones
+    again until their runs (making the records included) took ``point_s``
+    seconds (at most ``max_runs``), in rounds across the orders of a depth.
+    """
     orders = sorted({ORDER_OF_MODE[mode] for mode in modes})
     floors: dict[str, dict[str, float]] = {order: {} for order in orders}
     for n in depths:
-        for order in orders:
+
+        def once(order: str, n: int = n) -> float:
             prios = priorities[:n] if "priorities" in order else [0] * n
-            runs = [visit_us(order, costs[:n], prios, clock) for _ in range(3 if n <= 100_000 else 1)]
-            floors[order][str(n)] = sorted(runs)[len(runs) // 2]
+            return visit_us(order, costs[:n], prios, clock)
+
+        runs: dict[str, list[float]] = {}
+        wanted: dict[str, int] = {}
+        for order in orders:
+            started = time.perf_counter()
+            runs[order] = [once(order)]
+            took = time.perf_counter() - started  # making the records too
+            wanted[order] = max(repeats, min(max_runs, math.ceil(point_s / max(took, 1e-6))))
+        for _ in range(max(wanted.values(), default=0) - 1):
+            for order in orders:
+                if len(runs[order]) < wanted[order]:
+                    runs[order].append(once(order))
+        for order, got in runs.items():
+            floors[order][str(n)] = statistics.median(got)
     return floors

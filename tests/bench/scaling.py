@@ -609,7 +609,9 @@ def run(
     floor: dict[str, dict[str, float]] | None = None
     if with_floor:
         timer = time.process_time if clock == "cpu" else time.perf_counter
-        floor = _memory_floor.measure([m.name for m in chosen], depths, work.costs, work.priorities, timer)
+        floor = _memory_floor.measure(
+            [m.name for m in chosen], depths, work.costs, work.priorities, timer, repeats=repeats, point_s=point_s
+        )
         for order, by_depth in floor.items():
             log(f"  floor {order:>18}: " + ", ".join(f"{_us(v)}" for v in by_depth.values()) + " µs/record")
 
