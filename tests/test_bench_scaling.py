@@ -81,6 +81,9 @@ def test_goals_net_of_the_floor_subtract_each_mode_order_floor() -> None:
     assert g["flat"]["failures"] == ["priorities (2.00x)"]
     assert g["net"]["flat"] == []
     assert g["net"]["vs_fifo"] == ["priorities (1M: 2.8x)"]  # at 10k: 0.8 / 0.4, exactly 2x
+    # raw, priorities misses 2x FIFO at 1M only (2.0 > 1.0): the goal leaves it 1.0 - 0.9 = 0.1
+    # of its own work, a quarter of FIFO's own 0.4
+    assert g["net"]["room"] == ["priorities (1M: 0.2x FIFO's own)"]
 
 
 @pytest.mark.timeout(60)
