@@ -20,8 +20,11 @@ from hypothesis import strategies as st
 import tokenbatcher._buckets
 from tokenbatcher._lanes import Lanes
 from tokenbatcher._pending import BUCKETS_PER_OCTAVE, Pending, Record, batch_cost
+from tokenbatcher._row import SHORT, Row
 
 WIDTH = 1 / BUCKETS_PER_OCTAVE  # one bucket, in log2 units
+SHORTS = st.sampled_from([0, 5, SHORT])
+"""``similar_cost`` queues kept in ``Buckets`` from the start, moved there at 6 records, or in a ``Row``."""
 
 
 def _hook(rec: Record[Any]) -> None:
@@ -106,15 +109,16 @@ COSTS = st.lists(st.integers(0, 5000) | st.integers(1, 64), min_size=1, max_size
     padded=st.booleans(),
     with_priorities=st.booleans(),
     seed=st.randoms(use_true_random=False),
+    short=SHORTS,
 )
 def test_similar_take_keeps_head_budget_size_and_is_as_tight_as_the_oracle(
-    costs: list[int], budget: int, max_size: int, padded: bool, with_priorities: bool, seed: Any
+    costs: list[int], budget: int, max_size: int, padded: bool, with_priorities: bool, seed: Any, short: int
 ) -> None:
     loop = asyncio.new_event_loop()
     try:
         priorities = [seed.randint(-2, 2) for _ in costs] if with_priorities else None
         records = make_records(loop, costs, priorities)
-        pending = Pending(budget=budget, max_size=max_size, padded=padded, similar=True)
+        pending = Pending(budget=budget, max_size=max_size, padded=padded, similar=True, short=short)
         for rec in records:
             pending.push(rec)
         queue = list(records)
@@ -188,8 +192,12 @@ def test_records_taken_and_forgotten_in_any_mix_are_each_taken_once(similar: boo
 def live_entries(pending: Pending) -> int:
     """Entries actually held (stale ones included), counted the slow way; checks the counters."""
     if pending._similar:
+        structure = pending._buckets
+        if isinstance(structure, Row):
+            assert structure.lanes.entries == sum(1 for _ in structure.lanes)
+            return structure.lanes.entries  # ``row`` holds the live records only (check_bucket_heads)
         held = 0
-        for bucket in pending._buckets.by_index.values():
+        for bucket in structure.by_index.values():
             assert bucket.entries == sum(len(lane) for _, _, lane in bucket.fronts)
             held += bucket.entries
         return held
@@ -335,15 +343,23 @@ def test_lanes_stay_sorted_when_records_of_one_priority_come_out_of_order() -> N
 
 
 def check_bucket_heads(pending: Pending) -> None:
-    """Every bucket that holds a live record is listed in ``tops`` no later than its first one."""
-    tops = {id(entry) for entry in pending._buckets.tops}
-    for index, bucket in pending._buckets.by_index.items():
+    """Every bucket that holds a live record is listed in ``tops`` no later than its first one;
+    in a ``Row``, the row is every live record, sorted by (bucket, key, seq)."""
+    structure = pending._buckets
+    if isinstance(structure, Row):
+        assert all(rec.queued for rec in structure.row)
+        assert len(structure.row) == pending.size
+        assert structure.row == sorted(structure.row, key=lambda r: (r.bucket, r.key, r.seq))
+        assert structure.buckets == [rec.bucket for rec in structure.row]
+        return
+    tops = {id(entry) for entry in structure.tops}
+    for index, bucket in structure.by_index.items():
         assert bucket.listed is None or id(bucket.listed) in tops
         live = [rec for rec in bucket if rec.queued]
         if live:
-            assert index in pending._buckets.nonempty
+            assert index in structure.nonempty
             first = min(live)
-            assert any(e[2] == index and (e[0], e[1]) <= (first.key, first.seq) for e in pending._buckets.tops)
+            assert any(e[2] == index and (e[0], e[1]) <= (first.key, first.seq) for e in structure.tops)
 
 
 @settings(max_examples=300, deadline=None)
@@ -354,9 +370,16 @@ def check_bucket_heads(pending: Pending) -> None:
     padded=st.booleans(),
     aging=st.sampled_from([0.0, 0.1, 1.0, 3.0]),
     relist_often=st.booleans(),
+    short=SHORTS,
 )
 def test_similar_take_with_pushes_forgets_and_priorities_between_batches(
-    steps: list[tuple[str, int, int, float]], budget: int, max_size: int, padded: bool, aging: float, relist_often: bool
+    steps: list[tuple[str, int, int, float]],
+    budget: int,
+    max_size: int,
+    padded: bool,
+    aging: float,
+    relist_often: bool,
+    short: int,
 ) -> None:
     """grouping="similar_cost" while records come and go.
 
@@ -370,7 +393,7 @@ def test_similar_take_with_pushes_forgets_and_priorities_between_batches(
     slack = -(10**9) if relist_often else tokenbatcher._buckets._TOPS_SLACK
     with mock.patch.object(tokenbatcher._buckets, "_TOPS_SLACK", slack):
         try:
-            run_similar_steps(loop, steps, budget, max_size, padded, aging)
+            run_similar_steps(loop, steps, budget, max_size, padded, aging, short)
         finally:
             loop.close()
 
@@ -382,9 +405,10 @@ def run_similar_steps(
     max_size: int,
     padded: bool,
     aging: float,
+    short: int = SHORT,
 ) -> None:
     """The steps of the test above, on a fresh ``Pending``."""
-    pending = Pending(budget=budget, max_size=max_size, padded=padded, similar=True)
+    pending = Pending(budget=budget, max_size=max_size, padded=padded, similar=True, short=short)
     queue: list[Record[Any]] = []
     ahead: dict[int, int] = {}  # id(record) -> batches it may still wait
     now, seq = 0.0, 0
@@ -436,13 +460,30 @@ def run_similar_steps(
     assert pending.clear() == sorted(queue)
 
 
+@pytest.mark.parametrize("short", [0, SHORT])
+def test_similar_take_breaks_a_tie_in_buckets_by_the_nearer_cost(short: int) -> None:
+    """The buckets on either side of the head's are as far from it in buckets (317 and 319
+    around 318): the one whose first cost is nearer on the log scale goes first."""
+    loop = asyncio.new_event_loop()
+    try:
+        for costs, nearer in (([981, 1022, 979], 979), ([1001, 1002, 960], 1002)):
+            pending = Pending(budget=10**6, max_size=2, padded=False, similar=True, short=short)
+            for rec in make_records(loop, costs):
+                pending.push(rec)
+            assert [tokenbatcher._buckets.bucket_of(c) for c in costs] == [318, 319, 317]
+            batch, _ = pending.take()
+            assert [rec.cost for rec in batch] == [costs[0], nearer]
+    finally:
+        loop.close()
+
+
 def test_similar_heap_of_bucket_heads_stays_small_when_better_priorities_keep_coming() -> None:
     """A record of a better priority that comes first in its bucket lists the bucket
     again in the heap of bucket heads; the entries it supersedes do not pile up,
     even while a record of a worse priority waits in that bucket all along."""
     loop = asyncio.new_event_loop()
     try:
-        pending = Pending(budget=10**6, max_size=1, padded=False, similar=True)
+        pending = Pending(budget=10**6, max_size=1, padded=False, similar=True, short=0)
         records = make_records(loop, [10] * 4000, [3, -3] * 2000)  # one cost bucket
         for rec in records:
             rec.t = rec.seq * 0.001

@@ -54,6 +54,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+import tokenbatcher._row
 from conftest import OnLoop, VirtualClockLoop
 from tokenbatcher import BatchAbortedError, BatcherStoppedError, DynamicBatcher, QueueFullError
 
@@ -133,6 +134,7 @@ class BatcherMachine(RuleBasedStateMachine):
         self.errors = _LoopFailures()
         logging.getLogger("tokenbatcher").addHandler(self.errors)
         self.batcher: DynamicBatcher[Box, Any] | None = None
+        self.short_before = tokenbatcher._row.SHORT
         self.config: dict[str, Any] = {}
         self.recs: dict[int, Rec] = {}
         self.batches: list[Batch] = []
@@ -307,6 +309,7 @@ class BatcherMachine(RuleBasedStateMachine):
         aging=st.sampled_from([0.0, 0.5, 1.0]),
         proc_time=QUARTERS,
         keys=st.sampled_from([0, 0, 1, 2, 3]),
+        short=st.sampled_from([tokenbatcher._row.SHORT, 0, 3]),
     )
     def setup(
         self,
@@ -323,8 +326,11 @@ class BatcherMachine(RuleBasedStateMachine):
         aging: float,
         proc_time: float,
         keys: int,
+        short: int,
     ) -> None:
         self.keys = keys
+        # similar_cost queues longer than ``short`` move from one sorted list to a structure per bucket
+        self.short_before, tokenbatcher._row.SHORT = tokenbatcher._row.SHORT, short
         self.config = {
             "dispatch": dispatch,
             "batch_cost": batch_cost,
@@ -837,6 +843,7 @@ class BatcherMachine(RuleBasedStateMachine):
                 assert self.batcher.stats.pending == 0
                 self.no_problems()
         finally:
+            tokenbatcher._row.SHORT = self.short_before
             self.thread.shutdown()
             logging.getLogger("tokenbatcher").removeHandler(self.errors)
             leftovers = [t for t in asyncio.all_tasks(loop) if not t.done()]

@@ -27,7 +27,7 @@ import bisect
 import heapq
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._lanes import BUDGET_MET, NOTHING_REFUSED, Lane, Lanes, Top, dispatch_order, fill, submission_order, take_all
@@ -62,12 +62,6 @@ class Buckets:
         """How a batch is sorted: by ``seq`` until a priority comes."""
         self.behind = 0
         """Records the last ``take`` took from inside a bucket: their entries stay behind, stale."""
-
-    def clear(self) -> None:
-        self.by_index.clear()
-        self.nonempty.clear()
-        self.tops.clear()
-        self.order = submission_order
 
     def push(self, rec: Record[Any], cost: int) -> None:
         if rec.key != rec.t:
@@ -125,9 +119,12 @@ class Buckets:
         for index in self.nonempty:
             yield from self.by_index[index]
 
-    def lanes(self) -> list[Lane]:
-        """Every lane of every bucket, each in dispatch order."""
+    def lanes_in_order(self) -> list[Lane]:
+        """Every lane of every bucket, each in dispatch order (stale entries included)."""
         return [lane for bucket in self.by_index.values() for _, _, lane in bucket.fronts]
+
+    def forget(self, rec: Record[Any]) -> None:
+        """A queued record's future is done: its entry stays, stale, until it surfaces or a ``compact``."""
 
     def largest(self) -> int:
         """The largest live cost: in the top bucket that still holds a live record."""
@@ -258,43 +255,60 @@ class Buckets:
         max_size: int,
         padded: bool,
     ) -> tuple[int, int, int, bool]:
-        """After a record of bucket ``index`` did not fit: add records behind it that do, in dispatch order.
-
-        Costs in a bucket differ by up to ~2%, so a later record may fit where
-        the first did not.  Looks at up to ``2 * max_size + _INSIDE`` entries
-        of the bucket, while the room left reaches into the bucket.  The
-        records taken stay in their lanes as stale entries.  Returns ``n``,
-        ``total`` and ``largest`` updated, and whether the budget is met
-        (``budget`` and ``max_size``: this batch's limits).
-        """
-        room = budget // (n + 1) if padded else budget - total  # padded: for it and ``largest``
-        if (padded and largest > room) or room < 0 or bucket_of(room) < index:
-            return n, total, largest, False  # every cost in the bucket is above the room left
+        """``fill_inside`` on bucket ``index``; the records it takes stay in their lanes as stale entries."""
         lanes = [lane for _, _, lane in self.by_index[index].fronts]
         behind = lanes[0] if len(lanes) == 1 else heapq.merge(*lanes, key=dispatch_order)
-        for rec in itertools.islice(behind, 2 * max_size + _INSIDE):
-            cost = rec.cost
-            if cost > room or not rec.queued:
-                continue
-            rec.queued = False
-            batch.append(rec)
-            self.behind += 1  # its entry stays behind, stale
-            n += 1
-            total += cost
-            if cost > largest:
-                largest = cost
-            if n >= max_size:
+        before = n
+        n, total, largest, full = fill_inside(behind, index, batch, n, total, largest, budget, max_size, padded)
+        self.behind += n - before
+        return n, total, largest, full
+
+
+def fill_inside(
+    behind: Iterable[Record[Any]],
+    index: int,
+    batch: list[Record[Any]],
+    n: int,
+    total: int,
+    largest: int,
+    budget: int,
+    max_size: int,
+    padded: bool,
+) -> tuple[int, int, int, bool]:
+    """After a record of bucket ``index`` did not fit: add records of the bucket that do, in dispatch order.
+
+    Costs in a bucket differ by up to ~2%, so a later record may fit where
+    the first did not.  ``behind`` is the bucket's entries in dispatch order
+    (stale ones are skipped); looks at up to ``2 * max_size + _INSIDE`` of
+    them, while the room left reaches into the bucket.  Returns ``n``,
+    ``total`` and ``largest`` updated, and whether the budget is met
+    (``budget`` and ``max_size``: this batch's limits).
+    """
+    room = budget // (n + 1) if padded else budget - total  # padded: for it and ``largest``
+    if (padded and largest > room) or room < 0 or bucket_of(room) < index:
+        return n, total, largest, False  # every cost in the bucket is above the room left
+    for rec in itertools.islice(behind, 2 * max_size + _INSIDE):
+        cost = rec.cost
+        if cost > room or not rec.queued:
+            continue
+        rec.queued = False
+        batch.append(rec)
+        n += 1
+        total += cost
+        if cost > largest:
+            largest = cost
+        if n >= max_size:
+            break
+        if padded:
+            if n * largest == budget:
+                return n, total, largest, True
+            room = budget // (n + 1)
+            if largest > room:
                 break
-            if padded:
-                if n * largest == budget:
-                    return n, total, largest, True
-                room = budget // (n + 1)
-                if largest > room:
-                    break
-            else:
-                if total == budget:
-                    return n, total, largest, True
-                room = budget - total
-            if bucket_of(room) < index:
-                break
-        return n, total, largest, False
+        else:
+            if total == budget:
+                return n, total, largest, True
+            room = budget - total
+        if bucket_of(room) < index:
+            break
+    return n, total, largest, False

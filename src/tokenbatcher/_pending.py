@@ -9,7 +9,9 @@ priority * priority_aging_s``.  [Pending][] keeps them in one of three ways:
   nothing but the deque and a few counters per record);
 * ``grouping="fifo"`` from the first record with another priority until the
   queue empties: per-priority lanes (``_lanes.py``);
-* ``grouping="similar_cost"``: log-cost buckets (``_buckets.py``).
+* ``grouping="similar_cost"``: log-cost buckets: up to ``SHORT`` records in
+  one list sorted by bucket (``_row.py``), beyond that a structure per bucket
+  (``_buckets.py``).
 
 A batch is taken from the head.  "Fits" is the hard budget: the batch's cost
 (``sum`` of costs, or ``padded``: size times the largest cost) stays within
@@ -37,6 +39,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+from . import _row
 from ._buckets import BUCKETS_PER_OCTAVE as BUCKETS_PER_OCTAVE
 from ._buckets import Buckets
 from ._lanes import Lanes, dispatch_order, submission_order
@@ -44,6 +47,7 @@ from ._lanes import take as take_lanes
 from ._record import Limit as Limit
 from ._record import Record as Record
 from ._record import batch_cost as batch_cost
+from ._row import Row
 
 _SLACK = 1024  # stale entries tolerated before a rebuild, on top of one per live record
 
@@ -51,7 +55,8 @@ _SLACK = 1024  # stale entries tolerated before a rebuild, on top of one per liv
 class Pending:
     """The queue of records not yet in a batch."""
 
-    def __init__(self, *, budget: int, max_size: int, padded: bool, similar: bool) -> None:
+    def __init__(self, *, budget: int, max_size: int, padded: bool, similar: bool, short: int | None = None) -> None:
+        """``short``: with ``similar``, the most records kept in a ``Row`` (default ``_row.SHORT``)."""
         self._budget = budget
         self._max_size = max_size
         self._padded = padded
@@ -61,7 +66,8 @@ class Pending:
         self._fifo: deque[Record[Any]] = deque()
         self._lanes: Lanes | None = None
         self._prefix = not similar  # batches are prefixes of ``_fifo``, measured as records come
-        self._buckets = Buckets()  # with grouping="similar_cost"
+        self._buckets: Row | Buckets = Row()  # with grouping="similar_cost"
+        self._short = _row.SHORT if short is None else short
         self._stale = (
             0  # records that left out of order (forgotten, or taken from inside a bucket) since the last rebuild
         )
@@ -96,7 +102,10 @@ class Pending:
         rec.queued = True
         cost = rec.cost
         if self._similar:
-            self._buckets.push(rec, cost)
+            buckets = self._buckets
+            buckets.push(rec, cost)
+            if self.size >= self._short and isinstance(buckets, Row):
+                self._buckets = buckets.to_buckets()  # the queue grew long: a structure per bucket from now on
         elif self._lanes is None and rec.key == rec.t:
             self._fifo.append(rec)
         else:
@@ -142,6 +151,8 @@ class Pending:
         if not rec.queued:
             return
         rec.queued = False
+        if self._similar:
+            self._buckets.forget(rec)
         self.size -= 1
         self._total -= rec.cost
         self._fill_stale = True
@@ -219,7 +230,7 @@ class Pending:
         similar = self._similar
         self._prefix = not similar
         if similar:
-            self._buckets.clear()
+            self._buckets = Row()
         self._stale = self._total = self._fill_max = 0
         self._refill()
 
@@ -265,7 +276,7 @@ class Pending:
         """
         del next_only
         if self._similar:
-            lanes = self._buckets.lanes()
+            lanes = self._buckets.lanes_in_order()
         elif self._lanes is not None:
             lanes = [lane for _, _, lane in self._lanes.fronts]
         else:
