@@ -11,7 +11,8 @@ in a module of its own, that share the state declared on [Core][]:
 - ``_record.py``: one accepted record, its caller's future;
 - ``_pending.py``: the queue, and which records make the next batch
   (``_lanes.py``: per-priority lanes; ``_buckets.py``: ``similar_cost``'s
-  cost buckets; ``_keyed.py``: one such queue per key, once a record has a key);
+  cost buckets, and ``_row.py`` the same in one list while the queue is
+  short; ``_keyed.py``: one such queue per key, once a record has a key);
 - ``_dispatch.py``: when a batch is taken and which slot runs it (window, eager);
 - ``_latency.py``: with ``latency_target_s``, what the strategies consult:
   how large a batch may be, how long it may wait; ``_plan.py``: which
