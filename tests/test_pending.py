@@ -460,6 +460,53 @@ def run_similar_steps(
     assert pending.clear() == sorted(queue)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=STEPS,
+    budget=st.integers(1, 20_000),
+    max_size=st.integers(1, 64),
+    padded=st.booleans(),
+    aging=st.sampled_from([0.0, 0.1, 1.0, 3.0]),
+)
+def test_a_row_and_buckets_form_the_same_batches(
+    steps: list[tuple[str, int, int, float]], budget: int, max_size: int, padded: bool, aging: float
+) -> None:
+    """The short queue's list (``Row``) is a faster layout of the same buckets, not another policy:
+    fed the same records, forgets and takes, it hands over exactly the batches ``Buckets`` does."""
+    loop = asyncio.new_event_loop()
+    try:
+        row = Pending(budget=budget, max_size=max_size, padded=padded, similar=True, short=SHORT)
+        buckets = Pending(budget=budget, max_size=max_size, padded=padded, similar=True, short=0)
+        queued: list[tuple[Record[Any], Record[Any]]] = []
+        now = 0.0
+        for seq, (op, value, priority, advance) in enumerate(steps):
+            if op == "push":
+                now += advance
+                pair = []
+                for pending in (row, buckets):
+                    rec: Record[Any] = Record(loop=loop)
+                    rec.item, rec.cost, rec.t, rec.seq, rec.hook, rec.waiting = seq, value, now, seq, _hook, True
+                    rec.key = now + priority * aging if priority else now
+                    pending.push(rec)
+                    pair.append(rec)
+                queued.append((pair[0], pair[1]))
+            elif op == "forget" and queued:
+                for rec, pending in zip(queued.pop(value % len(queued)), (row, buckets), strict=True):
+                    rec.cancel()
+                    pending.forget(rec)
+            elif op == "take":
+                (a, limit_a), (b, limit_b) = row.take(), buckets.take()
+                assert [r.item for r in a] == [r.item for r in b]
+                assert limit_a == limit_b
+                taken = {r.item for r in a}
+                queued = [pair for pair in queued if pair[0].item not in taken]
+            assert isinstance(row._buckets, Row)
+            assert row.size == buckets.size == len(queued)
+            assert row.full == buckets.full
+    finally:
+        loop.close()
+
+
 @pytest.mark.parametrize("short", [0, SHORT])
 def test_similar_take_breaks_a_tie_in_buckets_by_the_nearer_cost(short: int) -> None:
     """The buckets on either side of the head's are as far from it in buckets (317 and 319
