@@ -30,7 +30,18 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._lanes import BUDGET_MET, NOTHING_REFUSED, Lane, Lanes, Top, dispatch_order, fill, submission_order, take_all
+from ._lanes import (
+    BUDGET_MET,
+    NOTHING_REFUSED,
+    Lane,
+    Lanes,
+    Top,
+    dispatch_order,
+    fill,
+    sort_by_key,
+    sort_by_seq,
+    take_all,
+)
 
 if TYPE_CHECKING:
     from ._record import Limit, Record
@@ -58,14 +69,14 @@ class Buckets:
         """Sorted indices of the buckets that may hold live records."""
         self.tops: list[Top] = []
         """``(key, seq, index)``: ``listed`` entries of the buckets, and superseded ones."""
-        self.order = submission_order
-        """How a batch is sorted: by ``seq`` until a priority comes."""
+        self.order = sort_by_seq
+        """How a batch is sorted into dispatch order: by ``seq`` until a priority comes."""
         self.behind = 0
         """Records the last ``take`` took from inside a bucket: their entries stay behind, stale."""
 
     def push(self, rec: Record[Any], cost: int) -> None:
         if rec.key != rec.t:
-            self.order = dispatch_order
+            self.order = sort_by_key
         index = rec.bucket = bucket_of(cost)
         bucket = self.by_index.get(index)
         if bucket is None:
@@ -239,7 +250,7 @@ class Buckets:
                     right -= 1
                 left -= 1
         if runs > 1 or lanewise:
-            batch.sort(key=self.order)  # a merge of the runs, to hand the batch over in dispatch order
+            self.order(batch)  # a merge of the runs, to hand the batch over in dispatch order
         if n >= max_size:
             return batch, "max_size", total
         return batch, "budget" if full or queued > n else None, total

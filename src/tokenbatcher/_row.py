@@ -30,7 +30,16 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from ._buckets import Buckets, bucket_of, fill_inside
-from ._lanes import BUDGET_MET, NOTHING_REFUSED, Lane, Lanes, dispatch_order, submission_order
+from ._lanes import (
+    BUDGET_MET,
+    NOTHING_REFUSED,
+    Lane,
+    Lanes,
+    dispatch_order,
+    sort_by_key,
+    sort_by_seq,
+    submission_order,
+)
 
 if TYPE_CHECKING:
     from ._record import Limit, Record
@@ -53,8 +62,8 @@ class Row:
         self.buckets: list[int] = []
         """``row[i].bucket``, to bisect."""
         self.lanes = Lanes()
-        self.order = submission_order
-        """How a batch is sorted: by ``seq`` until a priority comes."""
+        self.order = sort_by_seq
+        """How a batch is sorted into dispatch order: by ``seq`` until a priority comes."""
         self.behind = 0
         """As ``Buckets.behind``; always 0 (``lanes`` are kept in bounds here)."""
 
@@ -63,8 +72,8 @@ class Row:
         buckets = self.buckets
         at = bisect.bisect_right(buckets, index)  # after its bucket: records come in submission order
         if rec.key != rec.t:
-            self.order = dispatch_order
-        if self.order is dispatch_order:  # a better priority may go ahead of records of its bucket
+            self.order = sort_by_key
+        if self.order is sort_by_key:  # a better priority may go ahead of records of its bucket
             start = bisect.bisect_left(buckets, index, 0, at)
             at = bisect.bisect_right(self.row, (rec.key, rec.seq), start, at, key=dispatch_order)
         self.row.insert(at, rec)
@@ -134,6 +143,23 @@ class Row:
         low, high = left, bisect.bisect_right(buckets, where, left)
         square = (head.cost + 1) ** 2  # ties between the two sides, as in Buckets.take
         runs = 0  # buckets that gave records
+        # The buckets near the head's that fit whole, all of them, found by bisection: they are
+        # the ones the walk below would take first, each whole.
+        reach, start, end = _reach(row, buckets, head, budget, max_size, padded)
+        if reach >= 0:
+            part = row[start:end]
+            assert part[left - start] is head  # the first of its bucket, as the first of the whole queue
+            del part[left - start]
+            for rec in part:
+                rec.queued = False
+            batch += part
+            n += len(part)
+            total += sum(map(_cost, part))
+            top = max(map(_cost, part), default=0)
+            if top > largest:
+                largest = top
+            runs = 2 if reach else 1  # more than the head's bucket: sorted at the end
+            left, right, low, high = start, end, min(low, start), max(high, end)
         while not full and n < max_size:
             if right < len(row):
                 go_right = True
@@ -194,7 +220,7 @@ class Row:
         buckets[low:high] = map(_bucket, kept)
         self._tidy()
         if runs > 1:
-            batch.sort(key=self.order)  # a merge of the runs, to hand the batch over in dispatch order
+            self.order(batch)  # a merge of the runs, to hand the batch over in dispatch order
         if n >= max_size:
             return batch, "max_size", total
         return batch, "budget" if full or queued > n else None, total
@@ -229,3 +255,34 @@ def _prefix(
         if counted == budget:
             return n, total, largest, BUDGET_MET
     return n, total, largest, NOTHING_REFUSED
+
+
+def _reach(
+    row: list[Record[Any]], buckets: list[int], head: Record[Any], budget: int, max_size: int, padded: bool
+) -> tuple[int, int, int]:
+    """The largest ``reach`` such that every record of the buckets within ``reach`` of the head's fits
+    with it, below the budget; and their slice of ``row`` (the head in it): ``(reach, start, end)``.
+
+    ``(-1, 0, 0)`` when not even the head's bucket fits whole.  Fitting only
+    shrinks as the reach grows, so it is found by bisection: O(log(buckets)) probes,
+    each two bisects and a look at one bucket (padded) or a sum over the slice.
+    """
+    where, cost = head.bucket, head.cost
+    low, high = -1, max(where - buckets[0], buckets[-1] - where) + 1  # fits at ``low``, not at ``high``
+    found = (0, 0)
+    while high - low > 1:
+        reach = (low + high) // 2
+        start = bisect.bisect_left(buckets, where - reach)
+        end = bisect.bisect_right(buckets, where + reach, start)
+        most = end - start  # the head among them
+        if padded:
+            last = bisect.bisect_left(buckets, buckets[end - 1], start, end)
+            top = max(map(_cost, row[last:end]))
+            counted = most * (top if top > cost else cost)
+        else:
+            counted = sum(map(_cost, row[start:end]))
+        if most <= max_size and counted < budget:
+            low, found = reach, (start, end)
+        else:
+            high = reach
+    return low, found[0], found[1]
