@@ -145,7 +145,7 @@ class Row:
         runs = 0  # buckets that gave records
         # The buckets near the head's that fit whole, all of them, found by bisection: they are
         # the ones the walk below would take first, each whole.
-        reach, start, end = _reach(row, buckets, head, budget, max_size, padded)
+        reach, start, end = _reach(row, buckets, head, budget, max_size, padded) if not full else (-1, 0, 0)
         if reach >= 0:
             part = row[start:end]
             assert part[left - start] is head  # the first of its bucket, as the first of the whole queue
