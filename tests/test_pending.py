@@ -362,13 +362,19 @@ def check_bucket_heads(pending: Pending) -> None:
             assert any(e[2] == index and (e[0], e[1]) <= (first.key, first.seq) for e in structure.tops)
 
 
+# The random queues that the step-driven similar_cost tests run.
+SIMILAR_QUEUES: dict[str, Any] = {
+    "steps": STEPS,
+    "budget": st.integers(1, 20_000),
+    "max_size": st.integers(1, 64),
+    "padded": st.booleans(),
+    "aging": st.sampled_from([0.0, 0.1, 1.0, 3.0]),
+}
+
+
 @settings(max_examples=300, deadline=None)
 @given(
-    steps=STEPS,
-    budget=st.integers(1, 20_000),
-    max_size=st.integers(1, 64),
-    padded=st.booleans(),
-    aging=st.sampled_from([0.0, 0.1, 1.0, 3.0]),
+    **SIMILAR_QUEUES,
     relist_often=st.booleans(),
     short=SHORTS,
 )
@@ -461,13 +467,7 @@ def run_similar_steps(
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    steps=STEPS,
-    budget=st.integers(1, 20_000),
-    max_size=st.integers(1, 64),
-    padded=st.booleans(),
-    aging=st.sampled_from([0.0, 0.1, 1.0, 3.0]),
-)
+@given(**SIMILAR_QUEUES)
 def test_a_row_and_buckets_form_the_same_batches(
     steps: list[tuple[str, int, int, float]], budget: int, max_size: int, padded: bool, aging: float
 ) -> None:

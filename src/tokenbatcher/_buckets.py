@@ -229,7 +229,12 @@ class Buckets:
                 emptied = False
             if stop >= 0 and n < max_size:
                 # A record did not fit: later ones of its bucket may, a little smaller.
-                n, total, largest, full = self._fill_inside(index, batch, n, total, largest, budget, max_size, padded)
+                # (Their entries stay in the lanes, stale.)
+                lanes = [lane for _, _, lane in bucket.fronts]
+                behind = lanes[0] if len(lanes) == 1 else heapq.merge(*lanes, key=dispatch_order)
+                before_inside = n
+                n, total, largest, full = fill_inside(behind, index, batch, n, total, largest, budget, max_size, padded)
+                self.behind += n - before_inside
                 # Padded, a record no larger than the largest adds ``largest``:
                 # if it does not fit, nothing does.
                 full = full or (padded and stop <= largest)
@@ -254,25 +259,6 @@ class Buckets:
         if n >= max_size:
             return batch, "max_size", total
         return batch, "budget" if full or queued > n else None, total
-
-    def _fill_inside(
-        self,
-        index: int,
-        batch: list[Record[Any]],
-        n: int,
-        total: int,
-        largest: int,
-        budget: int,
-        max_size: int,
-        padded: bool,
-    ) -> tuple[int, int, int, bool]:
-        """``fill_inside`` on bucket ``index``; the records it takes stay in their lanes as stale entries."""
-        lanes = [lane for _, _, lane in self.by_index[index].fronts]
-        behind = lanes[0] if len(lanes) == 1 else heapq.merge(*lanes, key=dispatch_order)
-        before = n
-        n, total, largest, full = fill_inside(behind, index, batch, n, total, largest, budget, max_size, padded)
-        self.behind += n - before
-        return n, total, largest, full
 
 
 def fill_inside(
