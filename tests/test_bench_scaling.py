@@ -62,6 +62,15 @@ def _point(drain_us: float) -> dict[str, Any]:
     return {"skipped": False, "drain_us": drain_us}
 
 
+def test_x_fifo_is_the_median_of_ratios_of_runs_made_in_the_same_round() -> None:
+    # Round 2 ran in a slow spell: 3x slower for both.  The ratio of medians (3.0 / 1.0)
+    # says 3x; the rounds say 2x, 2x and 2x.
+    mode = {"skipped": False, "drain_us": 3.0, "drain_runs_us": [2.0, 3.0, 12.0]}
+    fifo = {"skipped": False, "drain_us": 1.0, "drain_runs_us": [1.0, 1.5, 6.0]}
+    assert scaling.x_fifo(mode, fifo) == pytest.approx(2.0)
+    assert scaling.x_fifo(_point(3.0), _point(1.5)) == pytest.approx(2.0)  # results without the runs
+
+
 def test_goals_net_of_the_floor_subtract_each_mode_order_floor() -> None:
     # priorities: 1.0 -> 2.0 raw (2x: not flat), but its floor grew 0.2 -> 0.9:
     # net 0.8 -> 1.1 (1.4x: flat); against FIFO net (0.5 - 0.1 = 0.4 at 1M)
