@@ -507,6 +507,42 @@ def test_a_row_and_buckets_form_the_same_batches(
         loop.close()
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_row_and_buckets_agree_on_large_buckets(padded: bool) -> None:
+    """1,500 records in four large buckets, batches of up to 64: the row looks at a bounded
+    window of a bucket, yet forms the batches ``Buckets`` forms, look-behind included."""
+    loop = asyncio.new_event_loop()
+    try:
+        costs = [(100, 101, 102, 150, 151)[(i * 7) % 5] for i in range(1_500)]
+        queues = [Pending(budget=6_500, max_size=64, padded=padded, similar=True, short=short) for short in (SHORT, 0)]
+        for pending in queues:
+            for rec in make_records(loop, costs, [(i * 3) % 4 - 1 for i in range(1_500)]):
+                pending.push(rec)
+        assert isinstance(queues[0]._buckets, Row)
+        while queues[0].size:
+            (a, _), (b, _) = (pending.take() for pending in queues)
+            assert [r.item for r in a] == [r.item for r in b]
+        assert queues[1].size == 0
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("short", [0, SHORT])
+def test_the_look_behind_reaches_past_max_size_records_of_a_bucket(short: int) -> None:
+    """After 102 + 102 + 102, a fourth 102 would cross a budget of 406; 200 records on, a 100
+    (the same ~2% bucket) still fits.  Looking behind reaches 2 * max_size + 256 records."""
+    loop = asyncio.new_event_loop()
+    try:
+        pending = Pending(budget=406, max_size=64, padded=False, similar=True, short=short)
+        for rec in make_records(loop, [102] * 200 + [100] + [102] * 50):
+            pending.push(rec)
+        batch, limit = pending.take()
+        assert [rec.item for rec in batch] == [0, 1, 2, 200]
+        assert limit == "budget"
+    finally:
+        loop.close()
+
+
 @pytest.mark.parametrize("short", [0, SHORT])
 def test_similar_take_breaks_a_tie_in_buckets_by_the_nearer_cost(short: int) -> None:
     """The buckets on either side of the head's are as far from it in buckets (317 and 319

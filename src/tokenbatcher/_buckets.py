@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 BUCKETS_PER_OCTAVE = 32
 """``grouping="similar_cost"``: cost buckets per doubling of cost (each ~2% wide)."""
 
-_INSIDE = 256  # entries of a bucket looked at behind a record that did not fit
+INSIDE = 256  # entries of a bucket looked at behind a record that did not fit
 _TOPS_SLACK = 64  # superseded entries in ``Buckets.tops`` tolerated, on top of one per bucket
 
 
@@ -276,7 +276,7 @@ def fill_inside(
 
     Costs in a bucket differ by up to ~2%, so a later record may fit where
     the first did not.  ``behind`` is the bucket's entries in dispatch order
-    (stale ones are skipped); looks at up to ``2 * max_size + _INSIDE`` of
+    (stale ones are skipped); looks at up to ``2 * max_size + INSIDE`` of
     them, while the room left reaches into the bucket.  Returns ``n``,
     ``total`` and ``largest`` updated, and whether the budget is met
     (``budget`` and ``max_size``: this batch's limits).
@@ -284,7 +284,7 @@ def fill_inside(
     room = budget // (n + 1) if padded else budget - total  # padded: for it and ``largest``
     if (padded and largest > room) or room < 0 or bucket_of(room) < index:
         return n, total, largest, False  # every cost in the bucket is above the room left
-    for rec in itertools.islice(behind, 2 * max_size + _INSIDE):
+    for rec in itertools.islice(behind, 2 * max_size + INSIDE):
         cost = rec.cost
         if cost > room or not rec.queued:
             continue

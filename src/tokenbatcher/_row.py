@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
-from ._buckets import Buckets, bucket_of, fill_inside
+from ._buckets import INSIDE, Buckets, bucket_of, fill_inside
 from ._lanes import (
     BUDGET_MET,
     NOTHING_REFUSED,
@@ -128,7 +128,11 @@ class Row:
     def take(
         self, budget: int, max_size: int, padded: bool, queued: int
     ) -> tuple[list[Record[Any]], Limit | None, int]:
-        """As ``Buckets.take``: the head, then the nearest buckets outward, each in dispatch order."""
+        """As ``Buckets.take``: the head, then the nearest buckets outward, each in dispatch order.
+
+        No step looks at more than ``2 * max_size + INSIDE`` records of the
+        list, however many a bucket holds.
+        """
         head = self.lanes.head()
         assert head is not None
         self.lanes.pop_head()
@@ -138,18 +142,16 @@ class Row:
         full = total >= budget  # batch_cost(1, ...): one record's cost, padded or not
         row, buckets = self.row, self.buckets
         where = head.bucket
-        left = right = bisect.bisect_left(buckets, where)  # the head's bucket starts there
-        # The slice visited, rebuilt at the end: the head's bucket at least.
-        low, high = left, bisect.bisect_right(buckets, where, left)
+        first = left = right = bisect.bisect_left(buckets, where)  # the head's bucket starts there, with the head
+        assert row[first] is head  # the first of its bucket, as it is the first of the whole queue
+        taken = [(first, first + 1)]  # slices of ``row`` the batch's records came from
         square = (head.cost + 1) ** 2  # ties between the two sides, as in Buckets.take
         runs = 0  # buckets that gave records
         # The buckets near the head's that fit whole, all of them, found by bisection: they are
         # the ones the walk below would take first, each whole.
         reach, start, end = _reach(row, buckets, head, budget, max_size, padded) if not full else (-1, 0, 0)
         if reach >= 0:
-            part = row[start:end]
-            assert part[left - start] is head  # the first of its bucket, as the first of the whole queue
-            del part[left - start]
+            part = row[start:first] + row[first + 1 : end]
             for rec in part:
                 rec.queued = False
             batch += part
@@ -159,7 +161,8 @@ class Row:
             if top > largest:
                 largest = top
             runs = 2 if reach else 1  # more than the head's bucket: sorted at the end
-            left, right, low, high = start, end, min(low, start), max(high, end)
+            left, right = start, end
+            taken = [(start, end)]  # the head's among them
         while not full and n < max_size:
             if right < len(row):
                 go_right = True
@@ -178,25 +181,27 @@ class Row:
                 index = buckets[right]
                 start, end = right, bisect.bisect_right(buckets, index, right)
                 right = end
-                if end > high:
-                    high = end
             else:
                 index = buckets[left - 1]
                 start, end = bisect.bisect_left(buckets, index, 0, left), left
                 left = start
-                if start < low:
-                    low = start
-            bucket = row[start:end]
             if index == where:
-                bucket = [rec for rec in bucket if rec is not head]
-                if not bucket:
-                    continue
+                start += 1  # past the head
+            most = n + end - start
+            if most == n:
+                continue
             before = n
-            top = max(map(_cost, bucket))
-            whole = total + sum(map(_cost, bucket))
-            most = n + len(bucket)
-            new_largest = top if top > largest else largest
-            if most <= max_size and (most * new_largest if padded else whole) <= budget:
+            if most <= max_size:
+                bucket = row[start:end]
+                top = max(map(_cost, bucket))
+                whole = total + sum(map(_cost, bucket))
+                new_largest = top if top > largest else largest
+                fits = (most * new_largest if padded else whole) <= budget
+            else:
+                # Too many to fit whole: what ``fill`` and ``fill_inside`` may look at.
+                bucket = row[start : min(end, start + 2 * max_size + INSIDE)]
+                fits = False
+            if fits:
                 # The whole bucket fits: take it without weighing each record.
                 for rec in bucket:
                     rec.queued = False
@@ -205,19 +210,25 @@ class Row:
                 stop = BUDGET_MET if (n * largest if padded else total) == budget else NOTHING_REFUSED
             else:
                 n, total, largest, stop = _prefix(bucket, batch, n, total, largest, budget, max_size, padded)
+            looked = n - before  # a prefix of ``bucket`` went, unless fill_inside looks further
             if stop >= 0 and n < max_size:
                 # A record did not fit: later ones of its bucket may, a little smaller.
                 n, total, largest, full = fill_inside(bucket, index, batch, n, total, largest, budget, max_size, padded)
                 full = full or (padded and stop <= largest)
+                looked = len(bucket)
             elif stop == BUDGET_MET:
                 full = True
             if n > before:
                 runs += 1
+                taken.append((start, start + looked))
             if go_right and stop >= head.cost:
                 right = len(row)  # costs only grow to the right: nothing more fits there
-        kept = [rec for rec in row[low:high] if rec.queued]
-        row[low:high] = kept
-        buckets[low:high] = map(_bucket, kept)
+        # The records taken leave the list, slice by slice from the right (each slice is short).
+        for start, end in sorted(taken, reverse=True):
+            kept = [rec for rec in row[start:end] if rec.queued]
+            if len(kept) < end - start:
+                row[start:end] = kept
+                buckets[start:end] = map(_bucket, kept)
         self._tidy()
         if runs > 1:
             self.order(batch)  # a merge of the runs, to hand the batch over in dispatch order
@@ -275,13 +286,16 @@ def _reach(
         start = bisect.bisect_left(buckets, where - reach)
         end = bisect.bisect_right(buckets, where + reach, start)
         most = end - start  # the head among them
+        if most > max_size:
+            high = reach
+            continue
         if padded:
             last = bisect.bisect_left(buckets, buckets[end - 1], start, end)
             top = max(map(_cost, row[last:end]))
             counted = most * (top if top > cost else cost)
         else:
             counted = sum(map(_cost, row[start:end]))
-        if most <= max_size and counted < budget:
+        if counted < budget:
             low, found = reach, (start, end)
         else:
             high = reach
