@@ -191,11 +191,13 @@ class Row:
             if most == n:
                 continue
             before = n
+            whole, new_largest = total, largest  # if the whole bucket went
             if most <= max_size:
                 bucket = row[start:end]
                 top = max(map(_cost, bucket))
-                whole = total + sum(map(_cost, bucket))
-                new_largest = top if top > largest else largest
+                whole += sum(map(_cost, bucket))
+                if top > new_largest:
+                    new_largest = top
                 fits = (most * new_largest if padded else whole) <= budget
             else:
                 # Too many to fit whole: what ``fill`` and ``fill_inside`` may look at.
